@@ -1,0 +1,131 @@
+//! The encoded pool on disk, so a restart skips re-encoding.
+//!
+//! File name: `<key>.pool`, where the key is a SHA-256 over everything that decides the
+//! vectors (encoder weights, head, tokenizer, settings, candidate files). Layout:
+//! magic `PRKPOOL1` | key (32 bytes) | n: u64 | d: u64 | n·d f32 | CRC-32 of all before (u32),
+//! little-endian. Written to a temp file and renamed, so a reader sees a whole file or none;
+//! a truncated or corrupted file fails its length or checksum and is never served.
+
+use crate::model::settings::*;
+use anyhow::{bail, Context, Result};
+use sha2::{Digest, Sha256};
+use std::io::{Read, Write};
+use std::path::{Path, PathBuf};
+use tch::{Kind, Tensor};
+
+const MAGIC: &[u8; 8] = b"PRKPOOL1";
+const HEADER: usize = 8 + 32 + 8 + 8;
+
+pub struct PoolCache {
+    pub path: PathBuf,
+    key: [u8; 32],
+}
+
+fn hash_file(h: &mut Sha256, path: &Path) -> Result<()> {
+    let mut f = std::fs::File::open(path).with_context(|| format!("hashing {}", path.display()))?;
+    let mut buf = vec![0u8; 1 << 20];
+    // Length-prefix each part so two different splits of the same bytes differ.
+    h.update(f.metadata()?.len().to_le_bytes());
+    loop {
+        let n = f.read(&mut buf)?;
+        if n == 0 {
+            return Ok(());
+        }
+        h.update(&buf[..n]);
+    }
+}
+
+impl PoolCache {
+    /// `extra` carries serving settings that change the vectors (none today besides the files).
+    pub fn new(cache_dir: &Path, model_dir: &Path, settings: &PolySettings, candidate_files: &[PathBuf]) -> Result<Self> {
+        let mut h = Sha256::new();
+        h.update(MAGIC);
+        let mut files = vec![
+            model_dir.join(CONFIG_FILE),
+            model_dir.join(WEIGHTS_FILE),
+            model_dir.join(TOKENIZER_FILE),
+            model_dir.join(SETTINGS_FILE),
+        ];
+        if model_dir.join(HEAD_FILE).exists() {
+            files.push(model_dir.join(HEAD_FILE));
+        }
+        if !settings.share_encoders {
+            files.push(model_dir.join(CANDIDATE_ENCODER_DIR).join(CONFIG_FILE));
+            files.push(model_dir.join(CANDIDATE_ENCODER_DIR).join(WEIGHTS_FILE));
+        }
+        files.extend(candidate_files.iter().cloned());
+        for f in &files {
+            hash_file(&mut h, f)?;
+        }
+        let key: [u8; 32] = h.finalize().into();
+        Ok(PoolCache { path: cache_dir.join(format!("{}.pool", hex::encode(key))), key })
+    }
+
+    /// The cached `[n, d]` vectors, or why the file cannot be used (missing, truncated, corrupt).
+    pub fn load(&self, n: usize, d: usize) -> Result<Tensor> {
+        let bytes = std::fs::read(&self.path).with_context(|| format!("reading {}", self.path.display()))?;
+        let expected = HEADER + n * d * 4 + 4;
+        if bytes.len() != expected {
+            bail!("{}: {} bytes, expected {expected} (truncated or foreign)", self.path.display(), bytes.len());
+        }
+        let (body, crc) = bytes.split_at(bytes.len() - 4);
+        if crc32fast::hash(body).to_le_bytes() != crc {
+            bail!("{}: checksum mismatch (corrupted)", self.path.display());
+        }
+        if &body[..8] != MAGIC || body[8..40] != self.key {
+            bail!("{}: header does not match this model and pool", self.path.display());
+        }
+        let fn_ = u64::from_le_bytes(body[40..48].try_into().unwrap()) as usize;
+        let fd = u64::from_le_bytes(body[48..56].try_into().unwrap()) as usize;
+        if (fn_, fd) != (n, d) {
+            bail!("{}: holds [{fn_}, {fd}], expected [{n}, {d}]", self.path.display());
+        }
+        Ok(Tensor::from_data_size(&body[HEADER..], &[n as i64, d as i64], Kind::Float))
+    }
+
+    /// Writes atomically: temp file, fsync, rename, fsync of the directory.
+    pub fn store(&self, vectors: &Tensor) -> Result<()> {
+        let dir = self.path.parent().expect("cache path has a directory");
+        std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+        let v = vectors.to_device(tch::Device::Cpu).to_kind(Kind::Float).contiguous();
+        let (n, d) = v.size2()?;
+        let floats: Vec<f32> = Vec::try_from(v.view([-1]))?;
+        let mut body = Vec::with_capacity(HEADER + floats.len() * 4 + 4);
+        body.extend_from_slice(MAGIC);
+        body.extend_from_slice(&self.key);
+        body.extend_from_slice(&(n as u64).to_le_bytes());
+        body.extend_from_slice(&(d as u64).to_le_bytes());
+        for x in &floats {
+            body.extend_from_slice(&x.to_le_bytes());
+        }
+        let crc = crc32fast::hash(&body);
+        body.extend_from_slice(&crc.to_le_bytes());
+        let tmp = self.path.with_extension(format!("pool.tmp.{}", std::process::id()));
+        {
+            let mut f = std::fs::File::create(&tmp).with_context(|| format!("creating {}", tmp.display()))?;
+            write_slowly_if_asked(&mut f, &body)?;
+            f.sync_all()?;
+        }
+        std::fs::rename(&tmp, &self.path).with_context(|| format!("renaming into {}", self.path.display()))?;
+        std::fs::File::open(dir)?.sync_all()?;
+        Ok(())
+    }
+}
+
+/// `POLYRANK_TEST_SLOW_CACHE_WRITE_MS` stretches the write over that many milliseconds so the
+/// crash-safety test can kill the process mid-write. Unset in normal use.
+fn write_slowly_if_asked(f: &mut std::fs::File, body: &[u8]) -> Result<()> {
+    let delay = std::env::var("POLYRANK_TEST_SLOW_CACHE_WRITE_MS").ok().and_then(|v| v.parse::<u64>().ok());
+    match delay {
+        None => f.write_all(body)?,
+        Some(ms) => {
+            let parts = 20;
+            for chunk in body.chunks(body.len().div_ceil(parts).max(1)) {
+                f.write_all(chunk)?;
+                f.flush()?;
+                std::thread::sleep(std::time::Duration::from_millis(ms / parts as u64));
+            }
+        }
+    }
+    Ok(())
+}

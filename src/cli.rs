@@ -1,0 +1,68 @@
+//! Small command-line jobs (the server has its own module).
+
+use crate::model::settings::*;
+use crate::ranker::Ranker;
+use crate::tokenizer::TextKind;
+use anyhow::Result;
+use clap::Args;
+use std::path::PathBuf;
+
+const DEMO_CANDIDATES: &[&str] = &[
+    "I love pizza, especially with mushrooms.",
+    "My favourite food is sushi.",
+    "The train leaves at seven tomorrow morning.",
+    "I have two cats and a dog.",
+    "It has been raining all week here.",
+    "I play the guitar in a small band.",
+    "Paris is beautiful in the spring.",
+    "I am reading a book about the history of Rome.",
+];
+
+#[derive(Args)]
+pub struct RankArgs {
+    /// Context turns, oldest first.
+    #[arg(required = true)]
+    pub context: Vec<String>,
+    #[arg(long, default_value = "models/default")]
+    pub model: PathBuf,
+    #[arg(long, default_value_t = 5)]
+    pub top_k: i64,
+}
+
+pub fn rank(a: RankArgs) -> Result<()> {
+    let _guard = tch::no_grad_guard();
+    let ranker = Ranker::load(&a.model, tch::Device::Cpu)?;
+    let texts: Vec<String> = DEMO_CANDIDATES.iter().map(|s| s.to_string()).collect();
+    let enc = ranker.tokenize(&texts, TextKind::Candidate).map_err(anyhow::Error::msg)?;
+    let cands = ranker.candidate_vectors(&enc, 32);
+    for (i, score) in ranker.rank(&a.context, &cands, a.top_k).map_err(anyhow::Error::msg)? {
+        println!("{score:>9.4}  {}", texts[i as usize]);
+    }
+    Ok(())
+}
+
+#[derive(Args)]
+pub struct InitHeadArgs {
+    /// Directory holding config.json, model.safetensors and tokenizer.json.
+    #[arg(long)]
+    pub model: PathBuf,
+    #[arg(long, default_value_t = 64)]
+    pub n_codes: i64,
+    #[arg(long, value_parser = ["poly", "bi"], default_value = "poly")]
+    pub mode: String,
+    #[arg(long, default_value_t = 0)]
+    pub seed: i64,
+    #[arg(long, default_value = "")]
+    pub description: String,
+}
+
+pub fn init_head(a: InitHeadArgs) -> Result<()> {
+    let mut s = PolySettings::default_poly(a.n_codes);
+    if a.mode == "bi" {
+        s.mode = Mode::Bi;
+    }
+    s.description = a.description;
+    crate::testkit::init_head(&a.model, &s, a.seed)?;
+    eprintln!("wrote {} and {}", a.model.join(SETTINGS_FILE).display(), a.model.join(HEAD_FILE).display());
+    Ok(())
+}

@@ -1,0 +1,182 @@
+//! Server settings: `config/default.toml`, overridden by `POLYRANK_*` environment variables,
+//! overridden by command-line flags (clap reads flag and variable for each setting).
+
+use anyhow::{Context, Result};
+use clap::Args;
+use serde::{Deserialize, Serialize};
+use std::path::{Path, PathBuf};
+
+/// Every setting of `polyrank serve`. Field docs are the `--help` text.
+#[derive(Debug, Clone, Default, Args, Serialize)]
+pub struct ServeArgs {
+    /// TOML file with the settings below (flags and POLYRANK_* variables override it).
+    #[arg(long, env = "POLYRANK_CONFIG", default_value = "config/default.toml")]
+    #[serde(skip)]
+    pub config: PathBuf,
+    /// Model directory (polyrank format: BERT checkpoint + polyrank.json + poly head).
+    #[arg(long, env = "POLYRANK_MODEL_DIR")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub model_dir: Option<PathBuf>,
+    /// Device: cpu, cuda or cuda:N.
+    #[arg(long, env = "POLYRANK_DEVICE")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub device: Option<String>,
+    /// Candidate pool files, plain text (one per line) or .jsonl ({"id","text","meta"?});
+    /// comma-separated in the environment.
+    #[arg(long, env = "POLYRANK_CANDIDATES", value_delimiter = ',')]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub candidates: Option<Vec<PathBuf>>,
+    /// Directory for the encoded-pool cache files.
+    #[arg(long, env = "POLYRANK_CACHE_DIR")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub cache_dir: Option<PathBuf>,
+    /// Address to listen on.
+    #[arg(long, env = "POLYRANK_HOST")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub host: Option<String>,
+    /// Port to listen on (0 picks a free one; the bound address is logged).
+    #[arg(long, env = "POLYRANK_PORT")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub port: Option<u16>,
+    /// Texts per forward pass while encoding the pool at startup.
+    #[arg(long, env = "POLYRANK_ENCODE_BATCH_SIZE")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub encode_batch_size: Option<usize>,
+    /// Most requests merged into one inference batch.
+    #[arg(long, env = "POLYRANK_MAX_BATCH_SIZE")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub max_batch_size: Option<usize>,
+    /// Most tokens (padded) in one inference batch.
+    #[arg(long, env = "POLYRANK_MAX_BATCH_TOKENS")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub max_batch_tokens: Option<usize>,
+    /// How long the batcher waits for more requests after the first, in milliseconds.
+    #[arg(long, env = "POLYRANK_MAX_WAIT_MS")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub max_wait_ms: Option<u64>,
+    /// Requests waiting for the model before new ones get 429.
+    #[arg(long, env = "POLYRANK_QUEUE_CAPACITY")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub queue_capacity: Option<usize>,
+    /// Time budget of one request in milliseconds; past it the answer is 503.
+    #[arg(long, env = "POLYRANK_REQUEST_TIMEOUT_MS")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub request_timeout_ms: Option<u64>,
+    /// Largest accepted top_k.
+    #[arg(long, env = "POLYRANK_MAX_TOP_K")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub max_top_k: Option<i64>,
+    /// top_k when a request gives none.
+    #[arg(long, env = "POLYRANK_DEFAULT_TOP_K")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub default_top_k: Option<i64>,
+    /// Most inline candidates in one /rank request.
+    #[arg(long, env = "POLYRANK_MAX_INLINE_CANDIDATES")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub max_inline_candidates: Option<usize>,
+    /// Most texts in one /encode request.
+    #[arg(long, env = "POLYRANK_MAX_ENCODE_TEXTS")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub max_encode_texts: Option<usize>,
+    /// Longest accepted text, in characters (longer texts are refused, not truncated).
+    #[arg(long, env = "POLYRANK_MAX_TEXT_CHARS")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub max_text_chars: Option<usize>,
+    /// Largest request body in bytes (413 above it).
+    #[arg(long, env = "POLYRANK_BODY_LIMIT_BYTES")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub body_limit_bytes: Option<usize>,
+    /// Origins allowed by CORS; "*" allows any, empty disables CORS headers. Comma-separated.
+    #[arg(long, env = "POLYRANK_CORS_ORIGINS", value_delimiter = ',')]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub cors_origins: Option<Vec<String>>,
+    /// When set, /rank and /encode require `Authorization: Bearer KEY` (or `x-api-key: KEY`).
+    #[arg(long, env = "POLYRANK_API_KEY", hide_env_values = true)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub api_key: Option<String>,
+    /// libtorch intra-op threads (0 = one per core).
+    #[arg(long, env = "POLYRANK_THREADS")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub threads: Option<usize>,
+    /// Store pool vectors in fp16 (half the memory; scores computed in fp32).
+    #[arg(long, env = "POLYRANK_FP16_CANDIDATES")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub fp16_candidates: Option<bool>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    pub model_dir: PathBuf,
+    pub device: String,
+    pub candidates: Vec<PathBuf>,
+    pub cache_dir: PathBuf,
+    pub host: String,
+    pub port: u16,
+    pub encode_batch_size: usize,
+    pub max_batch_size: usize,
+    pub max_batch_tokens: usize,
+    pub max_wait_ms: u64,
+    pub queue_capacity: usize,
+    pub request_timeout_ms: u64,
+    pub max_top_k: i64,
+    pub default_top_k: i64,
+    pub max_inline_candidates: usize,
+    pub max_encode_texts: usize,
+    pub max_text_chars: usize,
+    pub body_limit_bytes: usize,
+    pub cors_origins: Vec<String>,
+    #[serde(default, skip_serializing)]
+    pub api_key: Option<String>,
+    pub threads: usize,
+    pub fp16_candidates: bool,
+}
+
+impl Config {
+    /// File values first, then every flag or variable that was given.
+    pub fn resolve(args: &ServeArgs) -> Result<Config> {
+        let text = std::fs::read_to_string(&args.config)
+            .with_context(|| format!("reading config file {}", args.config.display()))?;
+        let mut table: toml::Table =
+            toml::from_str(&text).with_context(|| format!("parsing {}", args.config.display()))?;
+        let overrides = toml::Table::try_from(args).context("collecting overrides")?;
+        table.extend(overrides);
+        let c: Config = table
+            .try_into()
+            .with_context(|| format!("settings from {} and overrides", args.config.display()))?;
+        c.validate()?;
+        Ok(c)
+    }
+
+    fn validate(&self) -> Result<()> {
+        anyhow::ensure!(self.max_top_k >= 1, "max_top_k must be at least 1");
+        anyhow::ensure!(
+            (1..=self.max_top_k).contains(&self.default_top_k),
+            "default_top_k must be between 1 and max_top_k"
+        );
+        anyhow::ensure!(self.max_batch_size >= 1 && self.encode_batch_size >= 1, "batch sizes must be at least 1");
+        anyhow::ensure!(self.queue_capacity >= 1, "queue_capacity must be at least 1");
+        anyhow::ensure!(!self.candidates.is_empty(), "at least one candidates file is needed");
+        Ok(())
+    }
+
+    pub fn device(&self) -> Result<tch::Device> {
+        parse_device(&self.device)
+    }
+
+    /// Paths in the config file are relative to the working directory, like flags.
+    pub fn model_dir(&self) -> &Path {
+        &self.model_dir
+    }
+}
+
+pub fn parse_device(s: &str) -> Result<tch::Device> {
+    match s {
+        "cpu" => Ok(tch::Device::Cpu),
+        "cuda" => Ok(tch::Device::Cuda(0)),
+        other => match other.strip_prefix("cuda:").and_then(|n| n.parse().ok()) {
+            Some(n) => Ok(tch::Device::Cuda(n)),
+            None => anyhow::bail!("device `{other}`: expected cpu, cuda or cuda:N"),
+        },
+    }
+}

@@ -1,0 +1,31 @@
+use anyhow::Result;
+use clap::{Parser, Subcommand};
+use polyrank::cli;
+
+#[derive(Parser)]
+#[command(name = "polyrank", version, about = "A Poly-encoder ranking service on libtorch")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Rank a handful of built-in candidates for a context (a quick check of a model).
+    Rank(cli::RankArgs),
+    /// Write polyrank.json and a freshly initialised poly head next to a BERT checkpoint.
+    InitHead(cli::InitHeadArgs),
+}
+
+fn main() -> Result<()> {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    match Cli::parse().command {
+        Command::Rank(a) => cli::rank(a),
+        Command::InitHead(a) => cli::init_head(a),
+    }
+}

@@ -1,0 +1,117 @@
+//! The Poly-encoder: context and candidate encoders, the poly head, and scoring.
+
+pub mod attention;
+pub mod bert;
+pub mod poly;
+pub mod scoring;
+pub mod settings;
+pub mod weights;
+
+use crate::tokenizer::Batch;
+use bert::{Bert, BertConfig};
+use poly::PolyHead;
+use scoring::ContextCodes;
+use settings::*;
+use std::path::{Path, PathBuf};
+use tch::{nn::VarStore, Device, Tensor};
+
+pub struct PolyEncoder {
+    pub settings: PolySettings,
+    pub config: BertConfig,
+    pub device: Device,
+    pub dir: PathBuf,
+    context_encoder: Bert,
+    /// None when encoders are shared.
+    candidate_encoder: Option<Bert>,
+    pub head: PolyHead,
+    pub encoder_vs: VarStore,
+    pub candidate_vs: Option<VarStore>,
+    pub head_vs: VarStore,
+}
+
+impl PolyEncoder {
+    pub fn load(dir: &Path, device: Device) -> Result<Self, FormatError> {
+        let settings = PolySettings::load(dir)?;
+        let config = BertConfig::load(dir)?;
+        let (encoder_vs, context_encoder) = load_bert(dir, &config, device)?;
+        let (candidate_vs, candidate_encoder) = if settings.share_encoders {
+            (None, None)
+        } else {
+            let cdir = dir.join(CANDIDATE_ENCODER_DIR);
+            let cconfig = BertConfig::load(&cdir)?;
+            if cconfig.hidden_size != config.hidden_size {
+                return Err(FormatError::malformed(
+                    &cdir.join(CONFIG_FILE),
+                    "candidate encoder hidden_size differs from the context encoder's",
+                ));
+            }
+            let (vs, bert) = load_bert(&cdir, &cconfig, device)?;
+            (Some(vs), Some(bert))
+        };
+        let mut head_vs = VarStore::new(device);
+        let head = PolyHead::new(&head_vs.root(), &settings, config.hidden_size);
+        let head_path = dir.join(HEAD_FILE);
+        if !head_vs.variables().is_empty() || head_path.exists() {
+            weights::load_into(&mut head_vs, &head_path)?;
+        }
+        Ok(PolyEncoder {
+            settings,
+            config,
+            device,
+            dir: dir.to_path_buf(),
+            context_encoder,
+            candidate_encoder,
+            head,
+            encoder_vs,
+            candidate_vs,
+            head_vs,
+        })
+    }
+
+    pub fn dim(&self) -> i64 {
+        self.config.hidden_size
+    }
+
+    fn candidate_bert(&self) -> &Bert {
+        self.candidate_encoder.as_ref().unwrap_or(&self.context_encoder)
+    }
+
+    /// Token outputs of the context encoder, scaled by `output_scaling`.
+    pub fn context_tokens(&self, batch: &Batch) -> Tensor {
+        let h = self.context_encoder.forward(&batch.ids, &batch.type_ids, &batch.mask);
+        scaled(h, self.settings.output_scaling)
+    }
+
+    /// `[B, d]` pooled candidate vectors.
+    pub fn candidate_vectors(&self, batch: &Batch) -> Tensor {
+        let h = self.candidate_bert().forward(&batch.ids, &batch.type_ids, &batch.mask);
+        let h = scaled(h, self.settings.output_scaling);
+        poly::pool(&h, &batch.mask, self.settings.candidate_pooling, self.settings.normalize)
+    }
+
+    /// The m vectors (1 in bi mode) each candidate attends over.
+    pub fn context_codes(&self, batch: &Batch) -> ContextCodes {
+        let h = self.context_tokens(batch);
+        self.head.context_codes(&h, &batch.mask)
+    }
+
+    /// `[B, N]` scores of each context against every candidate row.
+    pub fn score(&self, codes: &ContextCodes, candidates: &Tensor) -> Tensor {
+        scoring::score(codes, candidates, &self.head.candidate_attention)
+    }
+}
+
+fn scaled(h: Tensor, scaling: f64) -> Tensor {
+    if scaling == 1.0 {
+        h
+    } else {
+        h * scaling
+    }
+}
+
+fn load_bert(dir: &Path, config: &BertConfig, device: Device) -> Result<(VarStore, Bert), FormatError> {
+    let mut vs = VarStore::new(device);
+    let bert = Bert::new(vs.root(), config);
+    weights::load_into(&mut vs, &dir.join(WEIGHTS_FILE))?;
+    Ok((vs, bert))
+}

@@ -1,0 +1,80 @@
+//! The scoring kernel: one context's m vectors against an `[N, d]` candidate matrix, as
+//! batched tensor ops (no per-candidate loop), plus partial top-k.
+
+use super::attention::{masked_logit, Attention};
+use tch::{nn::Module, Kind, Tensor};
+
+/// Candidates are scored in slices of this many rows so the `[B, N, m]` intermediate stays
+/// bounded (64 codes × 65 536 × 4 bytes = 16 MiB per context) however large the pool.
+pub const SCORE_CHUNK: i64 = 65_536;
+
+/// Context vectors as the scorer sees them.
+pub struct ContextCodes {
+    /// `[B, m, d]`
+    pub y: Tensor,
+    /// `[B, m]` bool, false for zero-padded `n_first` codes.
+    pub mask: Tensor,
+}
+
+impl ContextCodes {
+    pub fn select(&self, i: i64) -> ContextCodes {
+        ContextCodes { y: self.y.narrow(0, i, 1), mask: self.mask.narrow(0, i, 1) }
+    }
+}
+
+/// Scores `[B, N]`: for each candidate c, y = Σ_i softmax_i(c·y_i) y_i and score = c·y.
+pub fn score(codes: &ContextCodes, cands: &Tensor, attn: &Attention) -> Tensor {
+    let n = cands.size()[0];
+    if n <= SCORE_CHUNK {
+        return score_chunk(codes, cands, attn);
+    }
+    let parts: Vec<Tensor> = (0..n)
+        .step_by(SCORE_CHUNK as usize)
+        .map(|start| score_chunk(codes, &cands.narrow(0, start, SCORE_CHUNK.min(n - start)), attn))
+        .collect();
+    Tensor::cat(&parts, 1)
+}
+
+fn score_chunk(codes: &ContextCodes, cands: &Tensor, attn: &Attention) -> Tensor {
+    // Stored candidates may be fp16 to halve memory; the maths runs in the codes' precision.
+    let cands = cands.to_kind(codes.y.kind());
+    let d = cands.size()[1];
+    let key_mask = codes.mask.logical_not().unsqueeze(1); // [B, 1, m]
+    match attn {
+        Attention::Basic | Attention::Sqrt => {
+            // raw[b, j, i] = c_j · y_i, one GEMM. The attended vector is only ever dotted with
+            // c again, so c·y = Σ_i w_i (c·y_i) = Σ_i w_i raw_i: no [N, d] intermediate.
+            let raw = cands.matmul(&codes.y.transpose(1, 2)); // [B, N, m]
+            let logits = if matches!(attn, Attention::Sqrt) { &raw / (d as f64).sqrt() } else { raw.shallow_clone() };
+            let w = logits.masked_fill(&key_mask, masked_logit(raw.kind())).softmax(-1, raw.kind());
+            let kind = raw.kind();
+            (w * raw).sum_dim_intlist(-1, false, kind)
+        }
+        Attention::Multihead(mh) => {
+            let b = codes.y.size()[0];
+            let n = cands.size()[0];
+            let q = mh.split(&mh.q_lin.forward(&cands).unsqueeze(0)); // [1, h, N, dh]
+            let k = mh.split(&mh.k_lin.forward(&codes.y)); // [B, h, m, dh]
+            let v = mh.split(&mh.v_lin.forward(&codes.y));
+            let logits = q.matmul(&k.transpose(-1, -2)) * mh.scale(d); // [B, h, N, m]
+            let w = logits
+                .masked_fill(&key_mask.unsqueeze(1), masked_logit(logits.kind()))
+                .softmax(-1, logits.kind());
+            let attended = mh.out_lin.forward(&mh.merge(&w.matmul(&v))); // [B, N, d]
+            debug_assert_eq!(attended.size(), vec![b, n, d]);
+            (attended * cands.unsqueeze(0)).sum_dim_intlist(-1, false, cands.kind())
+        }
+    }
+}
+
+/// Best `k` of one score row, best first; a partial selection, not a sort of all N.
+pub fn top_k(scores: &Tensor, k: i64) -> Vec<(i64, f32)> {
+    let k = k.min(scores.size()[0]);
+    if k <= 0 {
+        return Vec::new();
+    }
+    let (values, indices) = scores.to_kind(Kind::Float).topk(k, -1, true, true);
+    let values: Vec<f32> = Vec::try_from(values.to_device(tch::Device::Cpu)).expect("f32 scores");
+    let indices: Vec<i64> = Vec::try_from(indices.to_device(tch::Device::Cpu)).expect("i64 indices");
+    indices.into_iter().zip(values).collect()
+}

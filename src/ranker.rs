@@ -1,0 +1,70 @@
+//! Text in, vectors and rankings out: the tokenizer and the model together, no threads.
+//! Callers hold a no-grad guard (the inference thread sets one for its whole life).
+
+use crate::model::scoring::{top_k, ContextCodes};
+use crate::model::settings::FormatError;
+use crate::model::PolyEncoder;
+use crate::tokenizer::{to_batch, TextEncoder, TextKind};
+use std::path::Path;
+use tch::{Device, Tensor};
+use tokenizers::Encoding;
+
+pub struct Ranker {
+    pub model: PolyEncoder,
+    pub text: TextEncoder,
+}
+
+impl Ranker {
+    pub fn load(dir: &Path, device: Device) -> Result<Self, FormatError> {
+        let model = PolyEncoder::load(dir, device)?;
+        let text = TextEncoder::load(dir, &model.settings)?;
+        Ok(Ranker { model, text })
+    }
+
+    pub fn tokenize(&self, texts: &[String], kind: TextKind) -> Result<Vec<Encoding>, String> {
+        self.text.tokenize(texts, kind)
+    }
+
+    /// `[N, d]` candidate vectors, in input order. Batches group texts of similar length so
+    /// little compute goes to padding.
+    pub fn candidate_vectors(&self, encodings: &[Encoding], batch_size: usize) -> Tensor {
+        self.batched(encodings, batch_size, |b| self.model.candidate_vectors(b))
+    }
+
+    /// Context vectors (`[B, m, d]` and mask) for already tokenized contexts, in input order.
+    pub fn context_codes(&self, encodings: &[Encoding], batch_size: usize) -> ContextCodes {
+        let y = self.batched(encodings, batch_size, |b| {
+            let c = self.model.context_codes(b);
+            // Carry the mask through the same reordering by packing it as an extra column.
+            let mask = c.mask.to_kind(c.y.kind()).unsqueeze(-1);
+            Tensor::cat(&[c.y, mask], -1)
+        });
+        let d = self.model.dim();
+        ContextCodes { y: y.narrow(-1, 0, d), mask: y.select(-1, d).to_kind(tch::Kind::Bool) }
+    }
+
+    fn batched(&self, encodings: &[Encoding], batch_size: usize, f: impl Fn(&crate::tokenizer::Batch) -> Tensor) -> Tensor {
+        let mut order: Vec<usize> = (0..encodings.len()).collect();
+        order.sort_by_key(|&i| encodings[i].get_ids().len());
+        let mut parts = Vec::new();
+        for chunk in order.chunks(batch_size.max(1)) {
+            let refs: Vec<&Encoding> = chunk.iter().map(|&i| &encodings[i]).collect();
+            parts.push(f(&to_batch(&refs, self.model.device)));
+        }
+        let sorted = Tensor::cat(&parts, 0);
+        // Undo the length sort: position order[k] received row k.
+        let mut inverse = vec![0i64; order.len()];
+        for (k, &i) in order.iter().enumerate() {
+            inverse[i] = k as i64;
+        }
+        sorted.index_select(0, &Tensor::from_slice(&inverse).to_device(self.model.device))
+    }
+
+    /// Encodes one context and returns the best `k` rows of `candidates`, best first.
+    pub fn rank(&self, context: &[String], candidates: &Tensor, k: i64) -> Result<Vec<(i64, f32)>, String> {
+        let joined = self.text.join_turns(context);
+        let enc = self.tokenize(&[joined], TextKind::Context)?;
+        let codes = self.context_codes(&enc, 1);
+        Ok(top_k(&self.model.score(&codes, candidates).squeeze_dim(0), k))
+    }
+}
