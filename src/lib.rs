@@ -1,7 +1,14 @@
 //! polyrank: a Poly-encoder ranking service on libtorch.
 
-pub mod model;
-pub mod tokenizer;
+pub mod cache;
 pub mod cli;
+pub mod config;
+pub mod engine;
+pub mod http;
+pub mod metrics;
+pub mod model;
+pub mod pool;
 pub mod ranker;
+pub mod serve;
 pub mod testkit;
+pub mod tokenizer;

@@ -11,6 +11,8 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
+    /// Serve /rank and /encode over HTTP with the candidate pool cached.
+    Serve(polyrank::config::ServeArgs),
     /// Rank a handful of built-in candidates for a context (a quick check of a model).
     Rank(cli::RankArgs),
     /// Write polyrank.json and a freshly initialised poly head next to a BERT checkpoint.
@@ -23,8 +25,10 @@ fn main() -> Result<()> {
             tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
         )
         .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
     match Cli::parse().command {
+        Command::Serve(a) => polyrank::serve::serve(a),
         Command::Rank(a) => cli::rank(a),
         Command::InitHead(a) => cli::init_head(a),
     }

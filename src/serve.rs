@@ -1,0 +1,34 @@
+//! `polyrank serve`: settings → engine thread → HTTP server, with graceful shutdown.
+
+use crate::config::{Config, ServeArgs};
+use crate::http::{router, shutdown_signal, AppState};
+use crate::tokenizer::TextEncoder;
+use anyhow::{Context, Result};
+use std::sync::Arc;
+
+pub fn serve(args: ServeArgs) -> Result<()> {
+    let config = Config::resolve(&args)?;
+    tracing::info!(config = %serde_json::to_string(&config).unwrap_or_default(), "settings");
+    let metrics = crate::metrics::install()?;
+    let (engine, inference) = crate::engine::start(&config)?;
+    let settings = crate::model::settings::PolySettings::load(config.model_dir())?;
+    let text = Arc::new(TextEncoder::load(config.model_dir(), &settings)?);
+    let state = Arc::new(AppState { engine, text, config: config.clone(), metrics });
+
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("starting the tokio runtime")?;
+    runtime.block_on(async move {
+        let addr = format!("{}:{}", config.host, config.port);
+        let listener = tokio::net::TcpListener::bind(&addr).await.with_context(|| format!("binding {addr}"))?;
+        tracing::info!("listening on {}", listener.local_addr()?);
+        axum::serve(listener, router(state)).with_graceful_shutdown(shutdown_signal()).await?;
+        anyhow::Ok(())
+    })?;
+    // The router (and with it the last engine handle) is gone: the inference thread finishes
+    // its current batch and ends.
+    drop(inference);
+    tracing::info!("stopped");
+    Ok(())
+}
