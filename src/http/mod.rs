@@ -48,13 +48,14 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/openapi.yaml", get(api::openapi))
         .fallback(|| async { ApiError::NotFound })
         .method_not_allowed_fallback(|| async { ApiError::MethodNotAllowed })
-        .layer(middleware::from_fn(json_errors))
         .layer(RequestBodyLimitLayer::new(c.body_limit_bytes))
         // The engine answers 503 at the deadline itself; this is the backstop for anything else.
         .layer(TimeoutLayer::with_status_code(
             StatusCode::SERVICE_UNAVAILABLE,
             Duration::from_millis(c.request_timeout_ms + 1000),
         ))
+        // Outside the limit and timeout layers, so their plain-text errors get our JSON shape.
+        .layer(middleware::from_fn(json_errors))
         .layer(CompressionLayer::new())
         .layer(cors(&c.cors_origins))
         .layer(middleware::from_fn(record_metrics))

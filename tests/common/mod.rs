@@ -1,6 +1,9 @@
 #![allow(dead_code)]
 //! Shared helpers for the integration tests.
 
+pub mod contract;
+pub mod server;
+
 use polyrank::model::settings::{Mode, PolySettings, SETTINGS_FILE};
 use std::path::{Path, PathBuf};
 
