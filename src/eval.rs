@@ -180,20 +180,22 @@ impl Features {
 }
 
 /// Token outputs of the context encoder, one `[n_i, d]` tensor per text (padding removed).
+/// Texts are batched in length order so little compute goes to padding.
 pub fn context_tokens(model: &PolyEncoder, ranker: &Ranker, texts: &[String], batch: usize, bar: &indicatif::ProgressBar) -> Result<Vec<Tensor>> {
     let _g = tch::no_grad_guard();
-    let mut out = Vec::with_capacity(texts.len());
-    for chunk in texts.chunks(batch.max(1)) {
-        let enc = ranker.tokenize(chunk, TextKind::Context).map_err(anyhow::Error::msg)?;
-        let refs: Vec<_> = enc.iter().collect();
-        let b = to_batch(&refs, model.device);
-        let h = model.context_tokens(&b);
-        for (i, e) in enc.iter().enumerate() {
-            out.push(h.get(i as i64).narrow(0, 0, e.get_ids().len() as i64).copy());
+    let enc = ranker.tokenize(texts, TextKind::Context).map_err(anyhow::Error::msg)?;
+    let mut order: Vec<usize> = (0..enc.len()).collect();
+    order.sort_by_key(|&i| enc[i].get_ids().len());
+    let mut out: Vec<Option<Tensor>> = (0..enc.len()).map(|_| None).collect();
+    for chunk in order.chunks(batch.max(1)) {
+        let refs: Vec<_> = chunk.iter().map(|&i| &enc[i]).collect();
+        let h = model.context_tokens(&to_batch(&refs, model.device));
+        for (row, &i) in chunk.iter().enumerate() {
+            out[i] = Some(h.get(row as i64).narrow(0, 0, enc[i].get_ids().len() as i64).copy());
         }
         bar.inc(chunk.len() as u64);
     }
-    Ok(out)
+    Ok(out.into_iter().map(|t| t.expect("every text encoded")).collect())
 }
 
 /// Pads precomputed token outputs into a batch and runs the poly head on them.

@@ -40,6 +40,10 @@ pub struct TrainArgs {
     /// m for a fresh head; omitted: continue from the base model's head.
     #[arg(long)]
     pub n_codes: Option<i64>,
+    /// A fresh head's codes ~ N(0, std²) instead of ParlAI's uniform [0, 1). Small codes
+    /// attend almost uniformly, so training starts at mean pooling (the bi-encoder).
+    #[arg(long)]
+    pub init_std: Option<f64>,
     #[arg(long, default_value_t = 4)]
     pub epochs: usize,
     #[arg(long, default_value_t = 64)]
@@ -59,6 +63,10 @@ pub struct TrainArgs {
     /// Use at most this many pairs.
     #[arg(long)]
     pub limit: Option<usize>,
+    /// Keep the frozen encoder outputs in this file and reuse them when the data, limit and
+    /// encoder match (a re-run then skips the slow part).
+    #[arg(long)]
+    pub features_cache: Option<PathBuf>,
     /// libtorch threads (fixed, so runs are repeatable).
     #[arg(long, default_value_t = 2)]
     pub threads: i32,
@@ -77,6 +85,8 @@ pub struct TrainState {
     pub epochs_done: usize,
     pub seed: i64,
     pub history: Vec<EpochLog>,
+    /// Held-out metrics of the head before the first step.
+    pub initial_valid: Option<Metrics>,
     pub precompute_seconds: f64,
 }
 
@@ -139,6 +149,9 @@ pub fn train(a: TrainArgs) -> Result<TrainState> {
         TrainState { seed: a.seed, ..Default::default() }
     };
     let mut ranker = Ranker::load(&a.out, Device::Cpu)?;
+    if let (Some(std), Some(codes), false) = (a.init_std, ranker.model.head.codes.as_mut(), a.resume) {
+        tch::no_grad(|| codes.copy_(&(Tensor::randn_like(codes) * std)));
+    }
     if ranker.model.head_vs.variables().is_empty() {
         bail!("this head has no trainable parameters (bi mode or n_first with basic attention)");
     }
@@ -147,19 +160,19 @@ pub fn train(a: TrainArgs) -> Result<TrainState> {
         pairs.truncate(n);
     }
 
-    // Frozen encoder outputs, once.
+    // Frozen encoder outputs, once (or from --features-cache).
     let t0 = Instant::now();
-    let bar = progress_bar(true, (pairs.len() * 2) as u64, "precomputing");
-    let joined: Vec<String> = pairs.iter().map(|p| ranker.text.join_turns(&p.context)).collect();
-    let contexts = context_tokens(&ranker.model, &ranker, &joined, 64, &bar)?;
-    let responses: Vec<String> = pairs.iter().map(|p| p.response.clone()).collect();
-    let mut parts = Vec::new();
-    for chunk in responses.chunks(512) {
-        let enc = ranker.tokenize(chunk, TextKind::Candidate).map_err(anyhow::Error::msg)?;
-        parts.push(tch::no_grad(|| ranker.candidate_vectors(&enc, 64)));
-        bar.inc(chunk.len() as u64);
-    }
-    let cands = Tensor::cat(&parts, 0);
+    let key = features_key(&a, &ranker, pairs.len())?;
+    let (contexts, cands) = match a.features_cache.as_deref().and_then(|p| load_features(p, &key)) {
+        Some(f) => f,
+        None => {
+            let f = precompute(&ranker, &pairs)?;
+            if let Some(p) = &a.features_cache {
+                save_features(p, &key, &f.0, &f.1)?;
+            }
+            f
+        }
+    };
     let valid = match &a.valid {
         Some(p) => {
             let ex: Vec<Example> = crate::eval::load_examples(p)?;
@@ -167,13 +180,19 @@ pub fn train(a: TrainArgs) -> Result<TrainState> {
         }
         None => None,
     };
-    bar.finish_and_clear();
     let pre = t0.elapsed().as_secs_f64();
     state.precompute_seconds = pre;
     tracing::info!(pairs = pairs.len(), seconds = format!("{pre:.1}"), "encoder outputs precomputed");
 
     let mut opt = tch::nn::AdamW { wd: a.weight_decay, ..Default::default() }.build(&ranker.model.head_vs, a.lr)?;
     let n = pairs.len() as i64;
+    if state.epochs_done == 0 {
+        if let Some(f) = &valid {
+            let m = metrics(&f.ranks(&ranker.model, 64));
+            tracing::info!(epoch = 0, valid_r1 = format!("{:.4}", m.r_at_1), "before training");
+            state.initial_valid = Some(m);
+        }
+    }
     for epoch in state.epochs_done..a.epochs {
         let te = Instant::now();
         // The order depends on (seed, epoch) only, so a resumed run sees the same batches.
@@ -202,6 +221,50 @@ pub fn train(a: TrainArgs) -> Result<TrainState> {
         save_checkpoint(&mut ranker, &settings, &a.out, &state)?;
     }
     Ok(state)
+}
+
+fn precompute(ranker: &Ranker, pairs: &[Pair]) -> Result<(Vec<Tensor>, Tensor)> {
+    let bar = progress_bar(true, (pairs.len() * 2) as u64, "precomputing");
+    let joined: Vec<String> = pairs.iter().map(|p| ranker.text.join_turns(&p.context)).collect();
+    let contexts = context_tokens(&ranker.model, ranker, &joined, 64, &bar)?;
+    let responses: Vec<String> = pairs.iter().map(|p| p.response.clone()).collect();
+    let enc = ranker.tokenize(&responses, TextKind::Candidate).map_err(anyhow::Error::msg)?;
+    let cands = tch::no_grad(|| ranker.candidate_vectors(&enc, 64));
+    bar.finish_and_clear();
+    Ok((contexts, cands))
+}
+
+/// What the cached features depend on: the pairs file, the limit, the encoder and settings.
+fn features_key(a: &TrainArgs, ranker: &Ranker, n: usize) -> Result<String> {
+    use sha2::{Digest, Sha256};
+    let mut h = Sha256::new();
+    h.update(std::fs::read(&a.data)?);
+    h.update(n.to_le_bytes());
+    h.update(std::fs::canonicalize(a.base.join(WEIGHTS_FILE))?.to_string_lossy().as_bytes());
+    let s = &ranker.model.settings;
+    h.update(format!("{}/{}/{}/{:?}/{}", s.max_context_tokens, s.max_candidate_tokens, s.output_scaling, s.candidate_pooling, s.normalize));
+    Ok(hex::encode(h.finalize()))
+}
+
+fn save_features(path: &Path, key: &str, contexts: &[Tensor], cands: &Tensor) -> Result<()> {
+    let mut named: Vec<(String, Tensor)> = contexts.iter().enumerate().map(|(i, t)| (format!("ctx.{i}"), t.shallow_clone())).collect();
+    named.push(("candidates".into(), cands.shallow_clone()));
+    named.push(("key".into(), Tensor::from_slice(key.as_bytes())));
+    Tensor::write_safetensors(&named, path)?;
+    Ok(())
+}
+
+fn load_features(path: &Path, key: &str) -> Option<(Vec<Tensor>, Tensor)> {
+    let mut m: std::collections::HashMap<String, Tensor> = Tensor::read_safetensors(path).ok()?.into_iter().collect();
+    let stored: Vec<u8> = Vec::try_from(m.remove("key")?).ok()?;
+    if stored != key.as_bytes() {
+        tracing::info!("features cache is for other data or another encoder; recomputing");
+        return None;
+    }
+    let cands = m.remove("candidates")?;
+    let contexts: Option<Vec<Tensor>> = (0..cands.size()[0]).map(|i| m.remove(&format!("ctx.{i}"))).collect();
+    tracing::info!(path = %path.display(), "encoder outputs from the features cache");
+    contexts.map(|c| (c, cands))
 }
 
 /// Cross-entropy of each context against the batch's responses (its own is the target),
