@@ -9,7 +9,7 @@ export POLYRANK_PYTHON := $(VENV)/bin/python
 # keep test parallelism modest.
 CARGO_TEST_THREADS ?= 2
 
-.PHONY: run test venv build model pool
+.PHONY: run test venv build model tools data default-model eval-table bench
 
 venv:
 	bash scripts/setup-venv.sh
@@ -24,5 +24,33 @@ model: venv
 run: build model
 	./target/release/polyrank serve
 
-test: venv model
+# wrk drives the load test; Debian's package, installed when missing (root, as in CI).
+tools:
+	@command -v wrk >/dev/null || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq wrk; }
+
+test: venv model tools
 	cargo test --release -- --test-threads=$(CARGO_TEST_THREADS)
+
+# Training and evaluation data from chitchat-dataset (+ Synthetic-Persona-Chat when ../shared has it).
+data: venv
+	$(VENV)/bin/python scripts/build_dialogue_data.py
+
+TRAIN_FLAGS := --data data/dialogues/train.jsonl --valid data/dialogues/valid20.jsonl \
+	--epochs 5 --init-std 0.01 --lr 3e-3 --logit-scale 5 --seed 0 \
+	--features-cache data/train-cache/chitchat10k.safetensors
+
+# Reproduces the committed heads: models/poly-m16, models/poly-m64, and the default model
+# (= poly-m64).
+default-model: build model data
+	mkdir -p data/train-cache
+	./target/release/polyrank train $(TRAIN_FLAGS) --n-codes 16 --out models/poly-m16
+	./target/release/polyrank train $(TRAIN_FLAGS) --n-codes 64 --out models/poly-m64
+	cp models/poly-m64/polyrank.json models/poly-m64/poly_head.safetensors models/default/
+
+# The README's held-out table.
+eval-table: build model data
+	bash scripts/eval_table.sh
+
+# The README's performance section (bench/results.md, bench/latency.png).
+bench: venv model
+	cargo bench --bench serve

@@ -62,7 +62,9 @@ def write_pool():
 
 
 if __name__ == "__main__":
-    link_model("default")
-    link_model("minilm-bi")  # the zero-shot bi-encoder baseline of the eval table
+    # Every committed model directory (a polyrank.json) shares the MiniLM checkpoint:
+    # default, minilm-bi (the zero-shot baseline), poly-untrained-m64, poly-m16, poly-m64.
+    for settings in sorted((ROOT / "models").glob("*/polyrank.json")):
+        link_model(settings.parent.name)
     write_pool()
     print("default model in models/default, pool in data/chitchat-pool.jsonl", file=sys.stderr)

@@ -52,6 +52,11 @@ pub struct TrainArgs {
     pub lr: f64,
     #[arg(long, default_value_t = 0.0)]
     pub weight_decay: f64,
+    /// Multiplies the scores inside the training loss only (a softmax temperature). The
+    /// default model's candidate vectors are unit length, so raw scores differ by little and
+    /// an unscaled cross-entropy mostly rewards inflating every score rather than ranking.
+    #[arg(long, default_value_t = 1.0)]
+    pub logit_scale: f64,
     /// Extra random negatives per batch, drawn from the other responses.
     #[arg(long, default_value_t = 0)]
     pub extra_negatives: usize,
@@ -204,7 +209,7 @@ pub fn train(a: TrainArgs) -> Result<TrainState> {
             if batch.len() < 2 {
                 continue;
             }
-            let loss = step_loss(&ranker, &contexts, &cands, batch, a.extra_negatives, n);
+            let loss = step_loss(&ranker, &contexts, &cands, batch, a.extra_negatives, n, a.logit_scale);
             opt.backward_step(&loss);
             total += loss.double_value(&[]);
             steps += 1;
@@ -269,7 +274,7 @@ fn load_features(path: &Path, key: &str) -> Option<(Vec<Tensor>, Tensor)> {
 
 /// Cross-entropy of each context against the batch's responses (its own is the target),
 /// plus optional random extra negatives.
-fn step_loss(ranker: &Ranker, contexts: &[Tensor], cands: &Tensor, batch: &[i64], extra: usize, n: i64) -> Tensor {
+fn step_loss(ranker: &Ranker, contexts: &[Tensor], cands: &Tensor, batch: &[i64], extra: usize, n: i64, scale: f64) -> Tensor {
     let ctx: Vec<Tensor> = batch.iter().map(|&i| contexts[i as usize].shallow_clone()).collect();
     let codes = head_codes(&ranker.model, &ctx);
     let mut rows = batch.to_vec();
@@ -280,7 +285,7 @@ fn step_loss(ranker: &Ranker, contexts: &[Tensor], cands: &Tensor, batch: &[i64]
     let c = cands.index_select(0, &Tensor::from_slice(&rows));
     let scores = ranker.model.score(&codes, &c); // [B, B + extra]
     let target = Tensor::arange(batch.len() as i64, (Kind::Int64, Device::Cpu));
-    scores.cross_entropy_for_logits(&target)
+    (scores * scale).cross_entropy_for_logits(&target)
 }
 
 fn save_checkpoint(ranker: &mut Ranker, settings: &PolySettings, out: &Path, state: &TrainState) -> Result<()> {

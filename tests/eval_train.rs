@@ -104,6 +104,7 @@ fn training_lowers_the_loss_raises_r1_and_the_checkpoint_serves() {
         lr: 1e-2,
         weight_decay: 0.0,
         extra_negatives: 0,
+        logit_scale: 1.0,
         seed: 1,
         resume: false,
         limit: None,

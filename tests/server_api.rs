@@ -168,6 +168,10 @@ fn every_bad_request_gets_its_documented_error() {
         (json!({"context": "x".repeat(501)}), 422, "validation"),
         (json!({"context": "hi", "surprise": 1}), 422, "validation"),
         (json!({"top_k": 3}), 422, "validation"),
+        (json!({"context": "x".repeat(100_000)}), 422, "validation"),
+        (json!({"context": "hi", "candidates": vec!["ok"; 10_000]}), 422, "validation"),
+        (json!({"context": "hi", "ids": null}), 422, "validation"),
+        (json!({"context": "hi", "top_k": null}), 422, "validation"),
     ];
     for (body, status, ty) in &cases {
         let (st, v) = call(&s, &c, "post", "/rank", Some(body));

@@ -27,12 +27,20 @@ pub enum ContextInput {
     Turns(Vec<String>),
 }
 
+/// Optional fields may be left out but not sent as null, as openapi.yaml says.
+fn present<'de, D: serde::Deserializer<'de>, T: Deserialize<'de>>(d: D) -> Result<Option<T>, D::Error> {
+    T::deserialize(d).map(Some)
+}
+
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RankRequest {
     pub context: ContextInput,
+    #[serde(default, deserialize_with = "present")]
     pub top_k: Option<i64>,
+    #[serde(default, deserialize_with = "present")]
     pub candidates: Option<Vec<String>>,
+    #[serde(default, deserialize_with = "present")]
     pub ids: Option<Vec<String>>,
     #[serde(default)]
     pub return_text: bool,
@@ -181,7 +189,7 @@ pub async fn rank(State(state): State<Arc<AppState>>, ApiJson(req): ApiJson<Rank
             }
             if !unknown.is_empty() {
                 let shown: Vec<&str> = unknown.iter().take(10).copied().collect();
-                return Err(ApiError::Validation(format!("{} unknown ids: {}", unknown.len(), shown.join(", "))));
+                return Err(ApiError::Validation(format!("{} ids are not in the pool: {shown:?}", unknown.len())));
             }
             Some(rows)
         }
