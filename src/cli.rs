@@ -69,12 +69,14 @@ pub fn init_head(a: InitHeadArgs) -> Result<()> {
 
 #[derive(Args)]
 pub struct EvalArgs {
-    #[arg(long, default_value = "models/default")]
-    pub model: PathBuf,
+    /// Model directories; repeat to compare several. Models that share an encoder (same
+    /// weights file and candidate-side settings) share one encoding pass.
+    #[arg(long, default_value = "models/default", num_args = 1..)]
+    pub model: Vec<PathBuf>,
     /// JSONL {"context": [turns], "candidates": [...], "label": i}, or ConvAI2 text format.
     #[arg(long)]
     pub data: PathBuf,
-    /// Print the metrics as JSON.
+    /// Print one JSON object per model instead of a table.
     #[arg(long)]
     pub json: bool,
     #[arg(long, default_value_t = 64)]
@@ -84,27 +86,49 @@ pub struct EvalArgs {
     pub limit: Option<usize>,
 }
 
+/// What the encoder-side features depend on.
+fn encoder_identity(r: &Ranker) -> Result<String> {
+    let s = &r.model.settings;
+    let weights = r.model.dir.join(WEIGHTS_FILE).canonicalize()?;
+    let tokenizer = r.model.dir.join(TOKENIZER_FILE).canonicalize()?;
+    Ok(format!(
+        "{}|{}|{}|{}|{:?}|{}|{}|{}|{}",
+        weights.display(),
+        tokenizer.display(),
+        s.max_context_tokens,
+        s.max_candidate_tokens,
+        s.candidate_pooling,
+        s.normalize,
+        s.output_scaling,
+        s.share_encoders,
+        s.turn_delimiter
+    ))
+}
+
 pub fn eval(a: EvalArgs) -> Result<()> {
-    let ranker = Ranker::load(&a.model, tch::Device::Cpu)?;
     let mut examples = crate::eval::load_examples(&a.data)?;
     if let Some(n) = a.limit {
         examples.truncate(n);
     }
-    let m = crate::eval::evaluate(&ranker, &examples, a.batch_size, !a.json)?;
-    if a.json {
-        println!("{}", serde_json::to_string(&m)?);
-    } else {
+    if !a.json {
         println!("| model | examples | R@1 | R@5 | R@10 | MRR |");
         println!("|---|---|---|---|---|---|");
-        println!(
-            "| {} | {} | {:.4} | {:.4} | {:.4} | {:.4} |",
-            a.model.display(),
-            m.examples,
-            m.r_at_1,
-            m.r_at_5,
-            m.r_at_10,
-            m.mrr
-        );
+    }
+    let mut shared: Option<(String, crate::eval::Features)> = None;
+    for dir in &a.model {
+        let ranker = Ranker::load(dir, tch::Device::Cpu)?;
+        let id = encoder_identity(&ranker)?;
+        if shared.as_ref().is_none_or(|(k, _)| *k != id) || !ranker.model.settings.share_encoders {
+            let f = crate::eval::Features::compute(&ranker, &examples, a.batch_size, !a.json)?;
+            shared = Some((id, f));
+        }
+        let features = &shared.as_ref().expect("features computed").1;
+        let m = crate::eval::metrics(&features.ranks(&ranker.model, a.batch_size));
+        if a.json {
+            println!("{}", serde_json::json!({"model": dir, "metrics": m}));
+        } else {
+            println!("| {} | {} | {:.4} | {:.4} | {:.4} | {:.4} |", dir.display(), m.examples, m.r_at_1, m.r_at_5, m.r_at_10, m.mrr);
+        }
     }
     Ok(())
 }

@@ -221,7 +221,7 @@ pub fn progress_bar(show: bool, len: u64, msg: &'static str) -> indicatif::Progr
     bar
 }
 
-/// `polyrank eval`: everything in one call.
+/// One model on a set of examples, in one call.
 pub fn evaluate(ranker: &Ranker, examples: &[Example], batch: usize, progress: bool) -> Result<Metrics> {
     let f = Features::compute(ranker, examples, batch, progress)?;
     Ok(metrics(&f.ranks(&ranker.model, batch)))

@@ -123,3 +123,22 @@ fn top_k_is_best_first_and_bounded() {
     assert_eq!(top_k(&s, 10).len(), 5);
     assert!(top_k(&s, 0).is_empty());
 }
+
+#[test]
+fn a_batch_of_contexts_scores_as_each_alone() {
+    let _g = tch::no_grad_guard();
+    let vs = nn::VarStore::new(Device::Cpu);
+    for kind in [AttentionKind::Basic, AttentionKind::Sqrt, AttentionKind::Multihead] {
+        let attn = Attention::new(vs.root() / format!("{kind:?}"), AttentionSpec { kind, heads: 4 }, 16);
+        let y = Tensor::randn([3, 8, 16], (Kind::Float, Device::Cpu));
+        let mask = Tensor::from_slice(&[true, true, true, true, true, false, false, false]).view([1, 8]).repeat([3, 1]);
+        let codes = ContextCodes { y, mask };
+        let cands = Tensor::randn([200, 16], (Kind::Float, Device::Cpu));
+        let all = score(&codes, &cands, &attn);
+        for i in 0..3 {
+            let one = score(&codes.select(i), &cands, &attn);
+            let diff = (all.get(i) - one.squeeze_dim(0)).abs().max().double_value(&[]);
+            assert!(diff < 1e-5, "{kind:?} context {i}: {diff}");
+        }
+    }
+}

@@ -90,6 +90,17 @@ fn check_text(what: &str, t: &str, max_chars: usize) -> Result<(), ApiError> {
     Ok(())
 }
 
+/// A list of 1..=max_items texts, each valid.
+fn check_texts(what: &str, texts: &[String], max_items: usize, max_chars: usize) -> Result<(), ApiError> {
+    if texts.is_empty() || texts.len() > max_items {
+        return Err(ApiError::Validation(format!("{what} must hold between 1 and {max_items} texts, got {}", texts.len())));
+    }
+    for (i, t) in texts.iter().enumerate() {
+        check_text(&format!("{what}[{i}]"), t, max_chars)?;
+    }
+    Ok(())
+}
+
 fn ensure_ready(state: &AppState) -> Result<(), ApiError> {
     let s = &state.engine.status;
     if s.is_ready() {
@@ -158,55 +169,16 @@ pub async fn rank(State(state): State<Arc<AppState>>, ApiJson(req): ApiJson<Rank
     if req.candidates.is_some() && req.ids.is_some() {
         return Err(ApiError::Validation("give either candidates or ids, not both".into()));
     }
-    let joined = state.text.join_turns(&turns);
-    let mut texts = vec![joined];
-    let target_kind = match (&req.candidates, &req.ids) {
+    let target = match (&req.candidates, &req.ids) {
         (Some(cands), _) => {
-            if cands.is_empty() || cands.len() > c.max_inline_candidates {
-                return Err(ApiError::Validation(format!(
-                    "candidates must hold between 1 and {} texts, got {}",
-                    c.max_inline_candidates,
-                    cands.len()
-                )));
-            }
-            for (i, t) in cands.iter().enumerate() {
-                check_text(&format!("candidate {i}"), t, c.max_text_chars)?;
-            }
-            texts.extend(cands.iter().cloned());
-            None
+            check_texts("candidates", cands, c.max_inline_candidates, c.max_text_chars)?;
+            Target::Inline(tokenize(&state, cands.clone(), TextKind::Candidate).await?)
         }
-        (None, Some(ids)) => {
-            if ids.is_empty() || ids.len() > c.max_inline_candidates {
-                return Err(ApiError::Validation(format!("ids must hold between 1 and {} ids", c.max_inline_candidates)));
-            }
-            let mut rows = Vec::with_capacity(ids.len());
-            let mut unknown = Vec::new();
-            for id in ids {
-                match pool.position(id) {
-                    Some(r) => rows.push(r as i64),
-                    None => unknown.push(id.as_str()),
-                }
-            }
-            if !unknown.is_empty() {
-                let shown: Vec<&str> = unknown.iter().take(10).copied().collect();
-                return Err(ApiError::Validation(format!("{} ids are not in the pool: {shown:?}", unknown.len())));
-            }
-            Some(rows)
-        }
-        (None, None) => None,
+        (None, Some(ids)) => Target::Subset(pool_rows(&pool, ids, c.max_inline_candidates)?),
+        (None, None) => Target::Pool,
     };
-    let inline = req.candidates.is_some();
-    // One blocking call tokenizes the context and any inline candidates.
-    let mut enc = tokenize(&state, texts.split_off(0), TextKind::Context).await?;
-    let context = enc.remove(0);
-    let target = if inline {
-        let cands = req.candidates.clone().unwrap_or_default();
-        Target::Inline(tokenize(&state, cands, TextKind::Candidate).await?)
-    } else if let Some(rows) = target_kind.clone() {
-        Target::Subset(rows)
-    } else {
-        Target::Pool
-    };
+    let joined = state.text.join_turns(&turns);
+    let context = tokenize(&state, vec![joined], TextKind::Context).await?.remove(0);
     let ranked = match run(&state, Work::Rank { context, target, top_k }, started).await? {
         Output::Ranked(r) => r,
         Output::Vectors { .. } => return Err(ApiError::Internal("unexpected engine output".into())),
@@ -225,20 +197,31 @@ pub async fn rank(State(state): State<Arc<AppState>>, ApiJson(req): ApiJson<Rank
     Ok(Json(RankResponse { results, took_ms: started.elapsed().as_secs_f64() * 1e3 }))
 }
 
+/// Pool rows of the requested ids; every unknown id is reported.
+fn pool_rows(pool: &crate::pool::Pool, ids: &[String], max: usize) -> Result<Vec<i64>, ApiError> {
+    if ids.is_empty() || ids.len() > max {
+        return Err(ApiError::Validation(format!("ids must hold between 1 and {max} ids, got {}", ids.len())));
+    }
+    let mut rows = Vec::with_capacity(ids.len());
+    let mut unknown = Vec::new();
+    for id in ids {
+        match pool.position(id) {
+            Some(r) => rows.push(r as i64),
+            None => unknown.push(id.as_str()),
+        }
+    }
+    if !unknown.is_empty() {
+        let shown: Vec<&str> = unknown.iter().take(10).copied().collect();
+        return Err(ApiError::Validation(format!("{} ids are not in the pool: {shown:?}", unknown.len())));
+    }
+    Ok(rows)
+}
+
 pub async fn encode(State(state): State<Arc<AppState>>, ApiJson(req): ApiJson<EncodeRequest>) -> Result<Json<EncodeResponse>, ApiError> {
     let started = Instant::now();
     ensure_ready(&state)?;
     let c = &state.config;
-    if req.texts.is_empty() || req.texts.len() > c.max_encode_texts {
-        return Err(ApiError::Validation(format!(
-            "texts must hold between 1 and {} texts, got {}",
-            c.max_encode_texts,
-            req.texts.len()
-        )));
-    }
-    for (i, t) in req.texts.iter().enumerate() {
-        check_text(&format!("text {i}"), t, c.max_text_chars)?;
-    }
+    check_texts("texts", &req.texts, c.max_encode_texts, c.max_text_chars)?;
     let enc = tokenize(&state, req.texts, req.kind).await?;
     let (shape, data) = match run(&state, Work::Encode { texts: enc, kind: req.kind }, started).await? {
         Output::Vectors { shape, data } => (shape, data),

@@ -39,16 +39,19 @@ fn score_chunk(codes: &ContextCodes, cands: &Tensor, attn: &Attention) -> Tensor
     // Stored candidates may be fp16 to halve memory; the maths runs in the codes' precision.
     let cands = cands.to_kind(codes.y.kind());
     let d = cands.size()[1];
-    let key_mask = codes.mask.logical_not().unsqueeze(1); // [B, 1, m]
+    let key_mask = codes.mask.logical_not().unsqueeze(1); // [B, 1, m]; masked codes are true
     match attn {
         Attention::Basic | Attention::Sqrt => {
-            // raw[b, j, i] = c_j · y_i, one GEMM. The attended vector is only ever dotted with
-            // c again, so c·y = Σ_i w_i (c·y_i) = Σ_i w_i raw_i: no [N, d] intermediate.
-            let raw = cands.matmul(&codes.y.transpose(1, 2)); // [B, N, m]
+            // raw[j, b, i] = c_j · y_bi for every context of the batch in ONE GEMM
+            // [N, d] × [d, B·m]: the candidate matrix is read once per batch, not per context.
+            // The attended vector is only ever dotted with c again, so
+            // c·y = Σ_i w_i (c·y_i) = Σ_i w_i raw_i: no [N, d] intermediate.
+            let (b, m, _) = codes.y.size3().expect("[B, m, d]");
+            let raw = cands.matmul(&codes.y.reshape([b * m, d]).transpose(0, 1)).view([-1, b, m]);
             let logits = if matches!(attn, Attention::Sqrt) { &raw / (d as f64).sqrt() } else { raw.shallow_clone() };
-            let w = logits.masked_fill(&key_mask, masked_logit(raw.kind())).softmax(-1, raw.kind());
+            let w = logits.masked_fill(&key_mask.transpose(0, 1), masked_logit(raw.kind())).softmax(-1, raw.kind());
             let kind = raw.kind();
-            (w * raw).sum_dim_intlist(-1, false, kind)
+            (w * raw).sum_dim_intlist(-1, false, kind).transpose(0, 1) // [B, N]
         }
         Attention::Multihead(mh) => {
             let b = codes.y.size()[0];
