@@ -221,7 +221,7 @@ fn main() {
         let url = s.url("/rank");
         let _ = load(&url, 1, 1.0, rank_body); // warm-up
         let ours: Vec<Load> = [1, 8, 32].iter().map(|&c| load(&url, c, o.seconds, rank_body)).collect();
-        let batching = (n == 10_000 || n == 100_000).then(|| ours[2]);
+        let batching = (n <= 100_000).then(|| ours[2]);
         drop(s);
         let unbatched = batching.map(|_| {
             let s = Server::start(&Setup::new(&model, &pool, &dir.path().join("cache")).arg("--max-batch-size", "1"));

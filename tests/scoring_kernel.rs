@@ -105,7 +105,8 @@ fn kernel_matches_formula_for_every_attention_and_m() {
 fn chunked_scoring_equals_one_pass() {
     let _g = tch::no_grad_guard();
     let attn = Attention::Sqrt;
-    let n = polyrank::model::scoring::SCORE_CHUNK + 1000;
+    // Far more rows than one slice holds for 2 contexts × 8 codes.
+    let n = polyrank::model::scoring::SCORE_CHUNK_FLOATS / 16 * 3 + 1000;
     let y = Tensor::randn([2, 8, 16], (Kind::Float, Device::Cpu));
     let cands = Tensor::randn([n, 16], (Kind::Float, Device::Cpu));
     let codes = ContextCodes { y, mask: Tensor::ones([2, 8], (Kind::Bool, Device::Cpu)) };

@@ -4,9 +4,15 @@
 use super::attention::{masked_logit, Attention};
 use tch::{nn::Module, Kind, Tensor};
 
-/// Candidates are scored in slices of this many rows so the `[B, N, m]` intermediate stays
-/// bounded (64 codes × 65 536 × 4 bytes = 16 MiB per context) however large the pool.
-pub const SCORE_CHUNK: i64 = 65_536;
+/// Candidates are scored in slices sized so the `[rows, B·m]` intermediate (about 1 MiB)
+/// stays in cache through the softmax and the weighted sum: measured on 2 AVX2 cores at
+/// N = 100k, m = 64, one pass over all rows took 51 ms, slices of 4096 rows 36 ms, the same
+/// as the bare GEMM.
+pub const SCORE_CHUNK_FLOATS: i64 = 262_144;
+
+fn chunk_rows(contexts: i64, m: i64) -> i64 {
+    (SCORE_CHUNK_FLOATS / (contexts * m).max(1)).max(256)
+}
 
 /// Context vectors as the scorer sees them.
 pub struct ContextCodes {
@@ -25,12 +31,14 @@ impl ContextCodes {
 /// Scores `[B, N]`: for each candidate c, y = Σ_i softmax_i(c·y_i) y_i and score = c·y.
 pub fn score(codes: &ContextCodes, cands: &Tensor, attn: &Attention) -> Tensor {
     let n = cands.size()[0];
-    if n <= SCORE_CHUNK {
+    let (b, m, _) = codes.y.size3().expect("[B, m, d]");
+    let rows = chunk_rows(b, m);
+    if n <= rows {
         return score_chunk(codes, cands, attn);
     }
     let parts: Vec<Tensor> = (0..n)
-        .step_by(SCORE_CHUNK as usize)
-        .map(|start| score_chunk(codes, &cands.narrow(0, start, SCORE_CHUNK.min(n - start)), attn))
+        .step_by(rows as usize)
+        .map(|start| score_chunk(codes, &cands.narrow(0, start, rows.min(n - start)), attn))
         .collect();
     Tensor::cat(&parts, 1)
 }
