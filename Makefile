@@ -9,7 +9,7 @@ export POLYRANK_PYTHON := $(VENV)/bin/python
 # keep test parallelism modest.
 CARGO_TEST_THREADS ?= 2
 
-.PHONY: run test venv build model tools data default-model eval-table bench
+.PHONY: run test venv build model tools data default-model eval-table bench fuzz
 
 venv:
 	bash scripts/setup-venv.sh
@@ -54,3 +54,9 @@ eval-table: build model data
 # The README's performance section (bench/results.md, bench/latency.png).
 bench: venv model
 	cargo bench --bench serve
+
+# Fuzz request parsing and tokenization for FUZZ_SECONDS (cargo-fuzz, libFuzzer).
+FUZZ_SECONDS ?= 60
+fuzz: venv model
+	@command -v cargo-fuzz >/dev/null || cargo install cargo-fuzz --locked
+	RUSTC_BOOTSTRAP=1 cargo fuzz run request fuzz/corpus/request -s none -- -max_total_time=$(FUZZ_SECONDS)

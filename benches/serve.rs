@@ -70,9 +70,12 @@ struct Load {
     errors: usize,
 }
 
-/// `clients` threads send requests back to back for `seconds`; latency per request.
+/// `clients` threads send requests back to back for `seconds`, then wait for the ones in
+/// flight; throughput is completed requests over the whole time, so a server slower than the
+/// window still gets a figure.
 fn load(url: &str, clients: usize, seconds: f64, body: impl Fn(usize) -> Value + Sync) -> Load {
-    let deadline = Instant::now() + Duration::from_secs_f64(seconds);
+    let start = Instant::now();
+    let deadline = start + Duration::from_secs_f64(seconds);
     let results: Vec<(Vec<f64>, usize)> = std::thread::scope(|s| {
         let handles: Vec<_> = (0..clients)
             .map(|c| {
@@ -97,13 +100,14 @@ fn load(url: &str, clients: usize, seconds: f64, body: impl Fn(usize) -> Value +
             .collect();
         handles.into_iter().map(|h| h.join().unwrap()).collect()
     });
+    let elapsed = start.elapsed().as_secs_f64();
     let mut lat: Vec<f64> = results.iter().flat_map(|r| r.0.iter().copied()).collect();
     let errors = results.iter().map(|r| r.1).sum();
     lat.sort_by(|a, b| a.partial_cmp(b).unwrap());
     if lat.is_empty() {
         return Load { errors, ..Default::default() };
     }
-    Load { p50_ms: pct(&lat, 0.5), p95_ms: pct(&lat, 0.95), p99_ms: pct(&lat, 0.99), rps: lat.len() as f64 / seconds, requests: lat.len(), errors }
+    Load { p50_ms: pct(&lat, 0.5), p95_ms: pct(&lat, 0.95), p99_ms: pct(&lat, 0.99), rps: lat.len() as f64 / elapsed, requests: lat.len(), errors }
 }
 
 fn rank_body(i: usize) -> Value {
@@ -245,12 +249,15 @@ fn main() {
         drop(py);
         for (i, c) in [1, 8, 32].iter().enumerate() {
             let (a, b) = (ours[i], theirs[i]);
-            md += &format!(
-                "| {n} | {c} | {:.1} / {:.1} / {:.1} | {:.1} | {:.1} / {:.1} / {:.1} | {:.1} | {:.2}× | {:.2}× |\n",
-                a.p50_ms, a.p95_ms, a.p99_ms, a.rps, b.p50_ms, b.p95_ms, b.p99_ms, b.rps,
-                a.rps / b.rps.max(1e-9),
-                b.p50_ms / a.p50_ms.max(1e-9)
-            );
+            let cell = |l: &Load| match l.requests {
+                0 => format!("all {} requests failed | 0", l.errors),
+                _ => format!("{:.1} / {:.1} / {:.1} | {:.1}", l.p50_ms, l.p95_ms, l.p99_ms, l.rps),
+            };
+            let ratios = match (a.requests, b.requests) {
+                (0, _) | (_, 0) => "n/a | n/a".to_string(),
+                _ => format!("{:.2}× | {:.2}×", a.rps / b.rps, b.p50_ms / a.p50_ms),
+            };
+            md += &format!("| {n} | {c} | {} | {} | {ratios} |\n", cell(&a), cell(&b));
             rows.push(json!({"n": n, "clients": c, "polyrank": a, "python": b}));
         }
         if n == 100_000 {

@@ -11,7 +11,7 @@ results, out = json.load(open(sys.argv[1])), sys.argv[2]
 fig, ax = plt.subplots(figsize=(7, 4.5))
 for who, style in (("polyrank", "-o"), ("python", "--s")):
     for clients in (1, 8, 32):
-        rows = [r for r in results["rank"] if r["clients"] == clients]
+        rows = [r for r in results["rank"] if r["clients"] == clients and r[who]["requests"] > 0]
         ax.plot([r["n"] for r in rows], [r[who]["p50_ms"] for r in rows], style, label=f"{who}, {clients} clients")
 ax.set_xscale("log")
 ax.set_yscale("log")

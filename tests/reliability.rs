@@ -3,18 +3,13 @@
 //! image's contents staged and run without the build tree as a non-root user.
 
 mod common;
-use common::server::{write_pool, Server, Setup};
-use polyrank::testkit::{tiny_settings, write_tiny_model};
+use common::server::{tiny_setup, Server};
 use std::path::Path;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
 fn tiny_server(dir: &Path, pool_size: usize, extra: &[(&str, &str)]) -> Server {
-    let model = dir.join("model");
-    write_tiny_model(&model, &tiny_settings(8), 31).unwrap();
-    let pool = dir.join("pool.jsonl");
-    write_pool(&pool, pool_size);
-    let mut setup = Setup::new(&model, &pool, &dir.join("cache"));
+    let mut setup = tiny_setup(dir, pool_size, 31);
     for (k, v) in extra {
         setup = setup.arg(k, v);
     }

@@ -3,8 +3,7 @@
 
 mod common;
 use common::contract::Contract;
-use common::server::{write_pool, Server, Setup};
-use polyrank::testkit::{tiny_settings, write_tiny_model};
+use common::server::{tiny_setup, Server, Setup};
 use serde_json::{json, Value};
 
 struct Fixture {
@@ -14,11 +13,7 @@ struct Fixture {
 
 fn fixture(pool_size: usize) -> Fixture {
     let dir = tempfile::tempdir().unwrap();
-    let model = dir.path().join("model");
-    write_tiny_model(&model, &tiny_settings(8), 11).unwrap();
-    let pool = dir.path().join("pool.jsonl");
-    write_pool(&pool, pool_size);
-    let setup = Setup::new(&model, &pool, &dir.path().join("cache"));
+    let setup = tiny_setup(dir.path(), pool_size, 11);
     Fixture { _dir: dir, setup }
 }
 
@@ -219,8 +214,8 @@ fn every_bad_request_gets_its_documented_error() {
 #[test]
 fn settings_come_from_file_then_env_then_flag() {
     let f = fixture(20);
-    let base = Setup { env: vec![("POLYRANK_MAX_TOP_K".into(), "77".into()), ("POLYRANK_MAX_ENCODE_TEXTS".into(), "9".into())], ..f.setup };
-    let s = Server::start(&Setup { args: vec!["--max-top-k".into(), "55".into()], ..clone_setup(&base) });
+    let base = f.setup.clone().env("POLYRANK_MAX_TOP_K", "77").env("POLYRANK_MAX_ENCODE_TEXTS", "9");
+    let s = Server::start(&base.arg("--max-top-k", "55"));
     let (_, info) = s.get("/info");
     let info: Value = serde_json::from_str(&info).unwrap();
     assert_eq!(info["limits"]["max_top_k"], 55, "flag beats env");
@@ -232,10 +227,6 @@ fn settings_come_from_file_then_env_then_flag() {
     for flag in ["--model-dir", "--candidates", "--cache-dir", "--device", "--port", "--max-batch-tokens", "--queue-capacity", "--api-key", "POLYRANK_MAX_TOP_K"] {
         assert!(help.contains(flag), "--help lacks {flag}");
     }
-}
-
-fn clone_setup(s: &Setup) -> Setup {
-    Setup { model: s.model.clone(), pool: s.pool.clone(), cache: s.cache.clone(), args: s.args.clone(), env: s.env.clone() }
 }
 
 #[test]

@@ -4,8 +4,7 @@
 
 mod common;
 use common::contract::Contract;
-use common::server::{unsafe_kill, write_pool, Server, Setup};
-use polyrank::testkit::{tiny_settings, write_tiny_model};
+use common::server::{tiny_setup, unsafe_kill, Server, Setup};
 use serde_json::{json, Value};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
@@ -14,11 +13,7 @@ const POOL: usize = 600;
 
 fn fixture() -> (tempfile::TempDir, Setup) {
     let dir = tempfile::tempdir().unwrap();
-    let model = dir.path().join("model");
-    write_tiny_model(&model, &tiny_settings(8), 21).unwrap();
-    let pool = dir.path().join("pool.jsonl");
-    write_pool(&pool, POOL);
-    let setup = Setup::new(&model, &pool, &dir.path().join("cache"));
+    let setup = tiny_setup(dir.path(), POOL, 21);
     (dir, setup)
 }
 
@@ -41,18 +36,11 @@ fn ranking(s: &Server) -> Value {
     v["results"].clone()
 }
 
-fn with(setup: &Setup, env: &[(&str, &str)]) -> Setup {
-    let mut s = Setup::new(&setup.model, &setup.pool, &setup.cache);
-    s.args = setup.args.clone();
-    s.env = env.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
-    s
-}
-
 #[test]
 fn readiness_flips_and_a_restart_reuses_the_cache() {
     let (_d, setup) = fixture();
     // Stretch the cache write so the loading phase is long enough to observe.
-    let s = Server::start(&with(&setup, &[("POLYRANK_TEST_SLOW_CACHE_WRITE_MS", "1500")]));
+    let s = Server::start(&setup.clone().env("POLYRANK_TEST_SLOW_CACHE_WRITE_MS", "1500"));
     let c = Contract::load();
     let (st, body) = s.get("/health/ready");
     assert_eq!(st, 503, "{body}");
@@ -117,7 +105,7 @@ fn a_corrupted_or_truncated_cache_is_rebuilt_never_served() {
 #[test]
 fn kill_9_while_the_cache_is_written_leaves_nothing_served() {
     let (_d, setup) = fixture();
-    let s = Server::start(&with(&setup, &[("POLYRANK_TEST_SLOW_CACHE_WRITE_MS", "4000")]));
+    let s = Server::start(&setup.clone().env("POLYRANK_TEST_SLOW_CACHE_WRITE_MS", "4000"));
     let t0 = Instant::now();
     while files_in(&setup.cache, ".tmp.").is_empty() {
         assert!(t0.elapsed() < Duration::from_secs(60), "cache write never started");

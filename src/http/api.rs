@@ -91,7 +91,7 @@ fn check_text(what: &str, t: &str, max_chars: usize) -> Result<(), ApiError> {
 }
 
 /// A list of 1..=max_items texts, each valid.
-fn check_texts(what: &str, texts: &[String], max_items: usize, max_chars: usize) -> Result<(), ApiError> {
+pub fn check_texts(what: &str, texts: &[String], max_items: usize, max_chars: usize) -> Result<(), ApiError> {
     if texts.is_empty() || texts.len() > max_items {
         return Err(ApiError::Validation(format!("{what} must hold between 1 and {max_items} texts, got {}", texts.len())));
     }

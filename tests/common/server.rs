@@ -15,6 +15,7 @@ pub struct Server {
     pub client: reqwest::blocking::Client,
 }
 
+#[derive(Clone)]
 pub struct Setup {
     pub model: PathBuf,
     pub pool: PathBuf,
@@ -149,6 +150,15 @@ impl Drop for Server {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
+}
+
+/// A tiny generated model (m = 8, seeded) and a pool of `pool_size` candidates in `dir`.
+pub fn tiny_setup(dir: &Path, pool_size: usize, seed: i64) -> Setup {
+    let model = dir.join("model");
+    polyrank::testkit::write_tiny_model(&model, &polyrank::testkit::tiny_settings(8), seed).unwrap();
+    let pool = dir.join("pool.jsonl");
+    write_pool(&pool, pool_size);
+    Setup::new(&model, &pool, &dir.join("cache"))
 }
 
 /// A pool file of `n` generated candidates for tiny models.
