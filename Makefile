@@ -59,4 +59,7 @@ bench: venv model
 FUZZ_SECONDS ?= 60
 fuzz: venv model
 	@command -v cargo-fuzz >/dev/null || cargo install cargo-fuzz --locked
-	RUSTC_BOOTSTRAP=1 cargo fuzz run request fuzz/corpus/request -s none -- -max_total_time=$(FUZZ_SECONDS)
+	mkdir -p fuzz/corpus/request
+	# The fuzz binary is another package: build.rs's rpath does not reach it.
+	LD_LIBRARY_PATH=$$($(VENV)/bin/python -c 'import os, torch; print(os.path.join(os.path.dirname(torch.__file__), "lib"))') \
+	RUSTC_BOOTSTRAP=1 cargo fuzz run request fuzz/corpus/request fuzz/seeds/request -s none -- -max_total_time=$(FUZZ_SECONDS)
