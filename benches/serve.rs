@@ -114,6 +114,22 @@ fn rank_body(i: usize) -> Value {
     json!({"context": CONTEXTS[i % CONTEXTS.len()], "top_k": 10})
 }
 
+/// Contexts for the approximate mode's recall@10 against the exact ranking.
+const RECALL_CONTEXTS: &[&str] = &[
+    "what is your favourite food?", "do you have any pets at home?", "where did you grow up?",
+    "what kind of music do you like?", "have you ever been to paris?", "what do you do for work?",
+    "i just finished a great book", "it has been raining all week", "do you play any sports?",
+    "what are your plans for the weekend?", "i love hiking in the mountains", "my cat is sick today",
+    "what movie did you see last?", "i am learning to cook", "do you like coffee or tea?",
+    "i moved to a new city", "what is your dream job?", "i have two brothers", "i hate mondays",
+    "what games do you play?",
+];
+
+fn top_ids(s: &Server, body: Value) -> Vec<String> {
+    let (_, v) = s.post("/rank", &body);
+    v["results"].as_array().unwrap().iter().map(|r| r["id"].as_str().unwrap().to_string()).collect()
+}
+
 /// A pool of `n` placeholder texts whose cache file holds random unit vectors.
 fn synthetic_pool(dir: &Path, model: &Path, n: usize, d: i64) -> (PathBuf, PathBuf, PathBuf) {
     let pool = dir.join(format!("pool-{n}.txt"));
@@ -213,6 +229,7 @@ fn main() {
     let mut bound_line = String::new();
     let mut ready_100k = None;
     let mut batching_md = String::new();
+    let mut approx_md = String::new();
     for &n in &o.sizes {
         let (pool, cache, ids) = synthetic_pool(dir.path(), &model, n, d);
         let t0 = Instant::now();
@@ -225,6 +242,22 @@ fn main() {
         let url = s.url("/rank");
         let _ = load(&url, 1, 1.0, rank_body); // warm-up
         let ours: Vec<Load> = [1, 8, 32].iter().map(|&c| load(&url, c, o.seconds, rank_body)).collect();
+        if n >= 100_000 {
+            let mut recall = 0.0;
+            for ctx in RECALL_CONTEXTS {
+                let exact = top_ids(&s, json!({"context": ctx, "top_k": 10}));
+                let approx = top_ids(&s, json!({"context": ctx, "top_k": 10, "approximate": true}));
+                recall += approx.iter().filter(|id| exact.contains(id)).count() as f64 / 10.0;
+            }
+            recall /= RECALL_CONTEXTS.len() as f64;
+            let a = load(&url, 1, o.seconds, |i| json!({"context": CONTEXTS[i % CONTEXTS.len()], "top_k": 10, "approximate": true}));
+            approx_md += &format!(
+                "| {n} | {:.1} | {:.1} | **{:.2}×** | {recall:.3} |\n",
+                ours[0].p50_ms,
+                a.p50_ms,
+                ours[0].p50_ms / a.p50_ms.max(1e-9)
+            );
+        }
         let batching = (n <= 100_000).then(|| ours[2]);
         drop(s);
         let unbatched = batching.map(|_| {
@@ -285,6 +318,9 @@ fn main() {
     }
     md += &format!(
         "\nDynamic batching at 32 clients (req/s):\n\n| pool N | max_batch_size 1 | max_batch_size 32 | gain |\n|---|---|---|---|\n{batching_md}"
+    );
+    md += &format!(
+        "\nApproximate mode (`\"approximate\": true`, 2,000 candidates preselected by the mean of the codes, then scored exactly), 1 client; recall@10 against the exact top 10 over 20 contexts (random-vector pools):\n\n| pool N | exact p50 ms | approximate p50 ms | speed-up | recall@10 |\n|---|---|---|---|---|\n{approx_md}"
     );
     md += &format!(
         "\n/encode, 16 candidate texts per request, 8 clients: **{:.0} texts/s** (p50 {:.1} ms).\n",

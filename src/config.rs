@@ -98,6 +98,11 @@ pub struct ServeArgs {
     #[arg(long, env = "POLYRANK_THREADS")]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub threads: Option<usize>,
+    /// Pool rows scored exactly by an `"approximate": true` request, after a preselection by
+    /// the mean of the context's vectors.
+    #[arg(long, env = "POLYRANK_APPROX_PRESELECT")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub approx_preselect: Option<usize>,
     /// Store pool vectors in fp16 (half the memory; scores computed in fp32).
     #[arg(long, env = "POLYRANK_FP16_CANDIDATES")]
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -129,6 +134,7 @@ pub struct Config {
     #[serde(default, skip_serializing)]
     pub api_key: Option<String>,
     pub threads: usize,
+    pub approx_preselect: usize,
     pub fp16_candidates: bool,
 }
 
@@ -156,6 +162,7 @@ impl Config {
         );
         anyhow::ensure!(self.max_batch_size >= 1 && self.encode_batch_size >= 1, "batch sizes must be at least 1");
         anyhow::ensure!(self.queue_capacity >= 1, "queue_capacity must be at least 1");
+        anyhow::ensure!(self.approx_preselect >= 1, "approx_preselect must be at least 1");
         anyhow::ensure!(!self.candidates.is_empty(), "at least one candidates file is needed");
         Ok(())
     }

@@ -27,6 +27,10 @@ pub enum Target {
     Subset(Vec<i64>),
     /// Texts sent with the request, tokenized.
     Inline(Vec<Encoding>),
+    /// The pool, approximately: only the `preselect` rows that score best against the mean of
+    /// the context's vectors (a bi-encoder pass, 2·d·N FLOPs instead of 2·m·d·N) are scored
+    /// exactly.
+    Approximate(i64),
 }
 
 pub enum Work {
@@ -323,11 +327,12 @@ impl Engine {
                 match works[i] {
                     Work::Rank { target: Target::Pool, top_k, .. } => pool_rows.push((i, row, *top_k)),
                     Work::Rank { target: Target::Subset(rows), top_k, .. } => {
-                        let idx = Tensor::from_slice(rows).to_device(self.pool_vectors.device());
-                        let cands = self.pool_vectors.index_select(0, &idx);
-                        let ranked = self.rank_rows(&codes.select(row), &cands, *top_k);
-                        // Map subset positions back to pool rows.
-                        out[i] = Some(Ok(Output::Ranked(ranked.into_iter().map(|(j, s)| (rows[j as usize], s)).collect())));
+                        out[i] = Some(Ok(Output::Ranked(self.rank_pool_rows(&codes.select(row), rows, *top_k))));
+                    }
+                    Work::Rank { target: Target::Approximate(preselect), top_k, .. } => {
+                        let c = codes.select(row);
+                        let rows = self.preselect(&c, *preselect);
+                        out[i] = Some(Ok(Output::Ranked(self.rank_pool_rows(&c, &rows, *top_k))));
                     }
                     Work::Rank { target: Target::Inline(texts), top_k, .. } => {
                         let cands = self.ranker.candidate_vectors(texts, bs * 8);
@@ -365,6 +370,26 @@ impl Engine {
 
     fn rank_rows(&self, codes: &ContextCodes, cands: &Tensor, k: i64) -> Vec<(i64, f32)> {
         top_k(&self.ranker.model.score(codes, cands).squeeze_dim(0), k)
+    }
+
+    /// Exact ranking of some pool rows; results carry pool row numbers.
+    fn rank_pool_rows(&self, codes: &ContextCodes, rows: &[i64], k: i64) -> Vec<(i64, f32)> {
+        let idx = Tensor::from_slice(rows).to_device(self.pool_vectors.device());
+        let cands = self.pool_vectors.index_select(0, &idx);
+        let ranked = self.rank_rows(codes, &cands, k);
+        ranked.into_iter().map(|(j, s)| (rows[j as usize], s)).collect()
+    }
+
+    /// The `preselect` pool rows with the best dot product against the masked mean of one
+    /// context's vectors.
+    fn preselect(&self, codes: &ContextCodes, preselect: i64) -> Vec<i64> {
+        let kind = codes.y.kind();
+        let mask = codes.mask.to_kind(kind).unsqueeze(-1); // [1, m, 1]
+        let mean = (&codes.y * &mask).sum_dim_intlist(1, false, kind) / mask.sum(kind).clamp_min(1.0); // [1, d]
+        let pool = &self.pool_vectors;
+        let pre = pool.matmul(&mean.to_kind(pool.kind()).transpose(0, 1)).squeeze_dim(-1); // [N]
+        let (_, idx) = pre.topk(preselect.min(pool.size()[0]), -1, true, false);
+        Vec::try_from(idx.to_device(tch::Device::Cpu)).unwrap_or_default()
     }
 
     /// The pool's vectors from the cache when it is whole and matches, else encoded now (in

@@ -81,6 +81,11 @@ fn every_route_answers_as_documented() {
     assert_eq!(got[0], top[0]);
     assert!(got.contains(&"c7".to_string()));
 
+    // Approximate mode with a preselection larger than the pool is the exact ranking.
+    let (st, v) = call(&s, &c, "post", "/rank", Some(&json!({"context": "i like pizza", "top_k": 5, "approximate": true})));
+    assert_eq!(st, 200);
+    assert_eq!(ids(&v), top);
+
     // Inline candidates: ids are positions, scores match the same texts from the pool.
     let (_, full) = call(&s, &c, "post", "/rank", Some(&json!({"context": "i like pizza", "top_k": 3, "return_text": true})));
     let texts: Vec<String> = full["results"].as_array().unwrap().iter().map(|r| r["text"].as_str().unwrap().into()).collect();
@@ -144,7 +149,7 @@ fn every_route_answers_as_documented() {
 #[test]
 fn every_bad_request_gets_its_documented_error() {
     let f = fixture(50);
-    let s = Server::start(&f.setup.arg("--max-top-k", "100").arg("--max-inline-candidates", "20").arg("--max-text-chars", "500").arg("--body-limit-bytes", "65536"));
+    let s = Server::start(&f.setup.arg("--max-top-k", "100").arg("--max-inline-candidates", "20").arg("--max-text-chars", "500").arg("--body-limit-bytes", "65536").arg("--approx-preselect", "5"));
     s.wait_ready();
     let c = Contract::load();
     let err = |st: u16, v: &Value, ty: &str| {
@@ -172,6 +177,8 @@ fn every_bad_request_gets_its_documented_error() {
         (json!({"context": "x".repeat(501)}), 422, "validation"),
         (json!({"context": "hi", "surprise": 1}), 422, "validation"),
         (json!({"top_k": 3}), 422, "validation"),
+        (json!({"context": "hi", "ids": ["c1"], "approximate": true}), 422, "validation"),
+        (json!({"context": "hi", "candidates": ["a"], "approximate": true}), 422, "validation"),
         (json!({"context": "hi", "ids": null}), 422, "validation"),
         (json!({"context": "hi", "top_k": null}), 422, "validation"),
     ];
@@ -207,6 +214,16 @@ fn every_bad_request_gets_its_documented_error() {
     let r = s.client.delete(s.url("/rank")).send().unwrap();
     assert_eq!(r.status().as_u16(), 405);
     assert_eq!(r.json::<Value>().unwrap()["error_type"], "method_not_allowed");
+    // Approximate mode scores only the preselected 5 rows exactly: 5 results, each with its
+    // exact score.
+    let (st, approx) = call(&s, &c, "post", "/rank", Some(&json!({"context": "i like cats", "top_k": 10, "approximate": true})));
+    assert_eq!(st, 200);
+    assert_eq!(ids(&approx).len(), 5);
+    let (_, exact) = call(&s, &c, "post", "/rank", Some(&json!({"context": "i like cats", "ids": ids(&approx), "top_k": 10})));
+    assert_eq!(ids(&exact), ids(&approx));
+    for (a, b) in scores(&approx).iter().zip(scores(&exact)) {
+        assert!((a - b).abs() < 1e-5);
+    }
     // Still serving.
     assert_eq!(call(&s, &c, "post", "/rank", Some(&json!({"context": "hi"}))).0, 200);
 }

@@ -44,6 +44,9 @@ pub struct RankRequest {
     pub ids: Option<Vec<String>>,
     #[serde(default)]
     pub return_text: bool,
+    /// Rank the pool approximately (see `approx_preselect`).
+    #[serde(default)]
+    pub approximate: bool,
 }
 
 #[derive(Serialize)]
@@ -169,12 +172,16 @@ pub async fn rank(State(state): State<Arc<AppState>>, ApiJson(req): ApiJson<Rank
     if req.candidates.is_some() && req.ids.is_some() {
         return Err(ApiError::Validation("give either candidates or ids, not both".into()));
     }
+    if req.approximate && (req.candidates.is_some() || req.ids.is_some()) {
+        return Err(ApiError::Validation("approximate ranks the pool; it cannot be combined with candidates or ids".into()));
+    }
     let target = match (&req.candidates, &req.ids) {
         (Some(cands), _) => {
             check_texts("candidates", cands, c.max_inline_candidates, c.max_text_chars)?;
             Target::Inline(tokenize(&state, cands.clone(), TextKind::Candidate).await?)
         }
         (None, Some(ids)) => Target::Subset(pool_rows(&pool, ids, c.max_inline_candidates)?),
+        (None, None) if req.approximate => Target::Approximate(c.approx_preselect as i64),
         (None, None) => Target::Pool,
     };
     let joined = state.text.join_turns(&turns);
@@ -272,6 +279,7 @@ pub async fn info(State(state): State<Arc<AppState>>) -> Json<serde_json::Value>
         "max_inline_candidates": state.config.max_inline_candidates,
         "max_encode_texts": state.config.max_encode_texts,
         "max_text_chars": state.config.max_text_chars,
+        "approx_preselect": state.config.approx_preselect,
         "body_limit_bytes": state.config.body_limit_bytes,
     });
     Json(v)
