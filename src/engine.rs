@@ -142,11 +142,13 @@ impl EngineHandle {
 /// Every libtorch call happens on that one thread. Measured on 2 cores: once a second thread
 /// has used libtorch (each thread gets its own OpenMP team), the inference thread's GEMM at
 /// N = 100k took 44 ms instead of 36 ms and a context encoding 9 ms instead of 5 ms.
-pub fn start(config: &Config) -> Result<(EngineHandle, std::thread::JoinHandle<()>)> {
+pub fn start(
+    config: &Config,
+    settings: &crate::model::settings::PolySettings,
+) -> Result<(EngineHandle, std::thread::JoinHandle<()>)> {
     let device = config.device()?;
     let pool = Arc::new(Pool::load(&config.candidates)?);
-    let settings = crate::model::settings::PolySettings::load(config.model_dir())?;
-    let cache = PoolCache::new(&config.cache_dir, config.model_dir(), &settings, &config.candidates)?;
+    let cache = PoolCache::new(&config.cache_dir, config.model_dir(), settings, &config.candidates)?;
     let status = Arc::new(Status::default());
     status.pool.set(pool.clone()).ok();
     status.total.store(pool.len(), Ordering::Release);

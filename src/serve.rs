@@ -10,8 +10,8 @@ pub fn serve(args: ServeArgs) -> Result<()> {
     let config = Config::resolve(&args)?;
     tracing::info!(config = %serde_json::to_string(&config).unwrap_or_default(), "settings");
     let metrics = crate::metrics::install()?;
-    let (engine, inference) = crate::engine::start(&config)?;
     let settings = crate::model::settings::PolySettings::load(config.model_dir())?;
+    let (engine, inference) = crate::engine::start(&config, &settings)?;
     let text = Arc::new(TextEncoder::load(config.model_dir(), &settings)?);
     let state = Arc::new(AppState { engine, text, config: config.clone(), metrics });
 
