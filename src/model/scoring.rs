@@ -33,47 +33,69 @@ pub fn score(codes: &ContextCodes, cands: &Tensor, attn: &Attention) -> Tensor {
     let n = cands.size()[0];
     let (b, m, _) = codes.y.size3().expect("[B, m, d]");
     let rows = chunk_rows(b, m);
+    let prepared = Prepared::new(codes, attn);
     if n <= rows {
-        return score_chunk(codes, cands, attn);
+        return prepared.score_slice(cands, attn);
     }
     let parts: Vec<Tensor> = (0..n)
         .step_by(rows as usize)
-        .map(|start| score_chunk(codes, &cands.narrow(0, start, rows.min(n - start)), attn))
+        .map(|start| prepared.score_slice(&cands.narrow(0, start, rows.min(n - start)), attn))
         .collect();
     Tensor::cat(&parts, 1)
 }
 
-fn score_chunk(codes: &ContextCodes, cands: &Tensor, attn: &Attention) -> Tensor {
-    // Stored candidates may be fp16 to halve memory; the maths runs in the codes' precision.
-    let cands = cands.to_kind(codes.y.kind());
-    let d = cands.size()[1];
-    let key_mask = codes.mask.logical_not().unsqueeze(1); // [B, 1, m]; masked codes are true
-    match attn {
-        Attention::Basic | Attention::Sqrt => {
-            // raw[j, b, i] = c_j · y_bi for every context of the batch in ONE GEMM
-            // [N, d] × [d, B·m]: the candidate matrix is read once per batch, not per context.
-            // The attended vector is only ever dotted with c again, so
-            // c·y = Σ_i w_i (c·y_i) = Σ_i w_i raw_i: no [N, d] intermediate.
-            let (b, m, _) = codes.y.size3().expect("[B, m, d]");
-            let raw = cands.matmul(&codes.y.reshape([b * m, d]).transpose(0, 1)).view([-1, b, m]);
-            let logits = if matches!(attn, Attention::Sqrt) { &raw / (d as f64).sqrt() } else { raw.shallow_clone() };
-            let w = logits.masked_fill(&key_mask.transpose(0, 1), masked_logit(raw.kind())).softmax(-1, raw.kind());
-            let kind = raw.kind();
-            (w * raw).sum_dim_intlist(-1, false, kind).transpose(0, 1) // [B, N]
-        }
-        Attention::Multihead(mh) => {
-            let b = codes.y.size()[0];
-            let n = cands.size()[0];
-            let q = mh.split(&mh.q_lin.forward(&cands).unsqueeze(0)); // [1, h, N, dh]
-            let k = mh.split(&mh.k_lin.forward(&codes.y)); // [B, h, m, dh]
-            let v = mh.split(&mh.v_lin.forward(&codes.y));
-            let logits = q.matmul(&k.transpose(-1, -2)) * mh.scale(d); // [B, h, N, m]
-            let w = logits
-                .masked_fill(&key_mask.unsqueeze(1), masked_logit(logits.kind()))
-                .softmax(-1, logits.kind());
-            let attended = mh.out_lin.forward(&mh.merge(&w.matmul(&v))); // [B, N, d]
-            debug_assert_eq!(attended.size(), vec![b, n, d]);
-            (attended * cands.unsqueeze(0)).sum_dim_intlist(-1, false, cands.kind())
+/// What depends on the contexts only, computed once per call rather than once per slice.
+struct Prepared {
+    b: i64,
+    m: i64,
+    kind: Kind,
+    /// `[B, 1, m]`, true for masked codes.
+    key_mask: Tensor,
+    /// basic / sqrt: `[d, B·m]`, the codes of every context side by side.
+    /// multihead: the key projections `[B, h, m, dh]`.
+    keys: Tensor,
+    /// multihead only: the value projections `[B, h, m, dh]`.
+    values: Option<Tensor>,
+}
+
+impl Prepared {
+    fn new(codes: &ContextCodes, attn: &Attention) -> Self {
+        let (b, m, d) = codes.y.size3().expect("[B, m, d]");
+        let key_mask = codes.mask.logical_not().unsqueeze(1);
+        let (keys, values) = match attn {
+            Attention::Basic | Attention::Sqrt => (codes.y.reshape([b * m, d]).transpose(0, 1), None),
+            Attention::Multihead(mh) => {
+                (mh.split(&mh.k_lin.forward(&codes.y)), Some(mh.split(&mh.v_lin.forward(&codes.y))))
+            }
+        };
+        Prepared { b, m, kind: codes.y.kind(), key_mask, keys, values }
+    }
+
+    fn score_slice(&self, cands: &Tensor, attn: &Attention) -> Tensor {
+        // Stored candidates may be fp16 to halve memory; the maths runs in the codes' precision.
+        let cands = cands.to_kind(self.kind);
+        let d = cands.size()[1];
+        match attn {
+            Attention::Basic | Attention::Sqrt => {
+                // raw[j, b, i] = c_j · y_bi for every context of the batch in ONE GEMM
+                // [N, d] × [d, B·m]: the candidate matrix is read once per batch, not per
+                // context. The attended vector is only ever dotted with c again, so
+                // c·y = Σ_i w_i (c·y_i) = Σ_i w_i raw_i: no [N, d] intermediate.
+                let raw = cands.matmul(&self.keys).view([-1, self.b, self.m]);
+                let logits = if matches!(attn, Attention::Sqrt) { &raw / (d as f64).sqrt() } else { raw.shallow_clone() };
+                let w = logits.masked_fill(&self.key_mask.transpose(0, 1), masked_logit(self.kind)).softmax(-1, self.kind);
+                (w * raw).sum_dim_intlist(-1, false, self.kind).transpose(0, 1) // [B, N]
+            }
+            Attention::Multihead(mh) => {
+                let v = self.values.as_ref().expect("multihead values");
+                let q = mh.split(&mh.q_lin.forward(&cands).unsqueeze(0)); // [1, h, N, dh]
+                let logits = q.matmul(&self.keys.transpose(-1, -2)) * mh.scale(d); // [B, h, N, m]
+                let w = logits
+                    .masked_fill(&self.key_mask.unsqueeze(1), masked_logit(self.kind))
+                    .softmax(-1, self.kind);
+                let attended = mh.out_lin.forward(&mh.merge(&w.matmul(v))); // [B, N, d]
+                (attended * cands.unsqueeze(0)).sum_dim_intlist(-1, false, self.kind)
+            }
         }
     }
 }
