@@ -9,7 +9,7 @@ export POLYRANK_PYTHON := $(VENV)/bin/python
 # keep test parallelism modest.
 CARGO_TEST_THREADS ?= 2
 
-.PHONY: run test venv build model tools data default-model eval-table bench fuzz
+.PHONY: run test venv build model tools data heads finetuned default-model eval-table bench fuzz
 
 venv:
 	bash scripts/setup-venv.sh
@@ -36,16 +36,30 @@ data: venv
 	$(VENV)/bin/python scripts/build_dialogue_data.py
 
 TRAIN_FLAGS := --data data/dialogues/train.jsonl --valid data/dialogues/valid20.jsonl \
-	--epochs 5 --init-std 0.01 --lr 3e-3 --logit-scale 5 --seed 0 \
-	--features-cache data/train-cache/chitchat10k.safetensors
+	--epochs 5 --init-std 0.01 --lr 3e-3 --logit-scale 5 --seed 0 --limit 10000 \
+	--features-cache data/train-cache/head10k.safetensors
 
-# Reproduces the committed heads: models/poly-m16, models/poly-m64, and the default model
-# (= poly-m64).
-default-model: build model data
+# Head-only heads on the frozen MiniLM encoder (models/poly-m16, models/poly-m64), the table's
+# "head-only" rows: a few minutes.
+heads: build model data
 	mkdir -p data/train-cache
-	./target/release/polyrank train $(TRAIN_FLAGS) --n-codes 16 --out models/poly-m16
-	./target/release/polyrank train $(TRAIN_FLAGS) --n-codes 64 --out models/poly-m64
-	cp models/poly-m64/polyrank.json models/poly-m64/poly_head.safetensors models/default/
+	./target/release/polyrank train $(TRAIN_FLAGS) --base models/minilm-bi --n-codes 16 --out models/poly-m16
+	./target/release/polyrank train $(TRAIN_FLAGS) --base models/minilm-bi --n-codes 64 --out models/poly-m64
+
+# The fine-tuned models of the README's table, same data and budget (FT_STEPS steps of 256
+# pairs each): poly m=64, poly m=16, bi. Resumable: run again after a stop to go on.
+# Every one starts from the zero-shot MiniLM (a fresh head for poly, codes ~ N(0, 0.01²): mean
+# pooling at first).
+finetuned: build model data
+	bash scripts/train_finetuned.sh models/minilm-bi runs/ft-poly-m64 5 --n-codes 64 --init-std 0.01
+	bash scripts/train_finetuned.sh models/minilm-bi runs/ft-poly-m16 5 --n-codes 16 --init-std 0.01
+	bash scripts/train_finetuned.sh models/minilm-bi runs/ft-bi 20
+
+# Reproduces the default model from scratch: the fine-tuned poly-encoder (m=64), exported
+# with fp16 weights into models/default. Hours on 2 cores: run it in the background,
+# `nohup make default-model > default-model.log 2>&1 &`, and again to resume.
+default-model: finetuned
+	$(VENV)/bin/python scripts/export_model.py runs/ft-poly-m64 models/default
 
 # The README's held-out table.
 eval-table: build model data

@@ -3,16 +3,21 @@
 Sources:
 - PyPI `chitchat-dataset` (MIT): conversations are split by a hash of their key, so whole
   dialogues never cross splits: key-hash % 10 == 0 → test, == 1 → valid, else train.
-- ../shared/data/spc/Synthetic-Persona-Chat_test.csv (CC-BY-4.0), when present: written in
-  ParlAI's ConvAI2 text format, persona lines folded into the context.
+- ../shared/data/spc/Synthetic-Persona-Chat_test.csv (CC-BY-4.0, 968 persona conversations),
+  when present: split by a hash of the conversation (20 % test, 10 % valid, 70 % train).
+  Persona lines are folded into the context as ParlAI's ConvAI2 teacher does
+  ("your persona: ..." first, then the dialogue).
 
 Outputs under data/dialogues/:
-- train.jsonl          {"context": [turns], "response": text}       (--train-pairs pairs)
-- valid20.jsonl        {"context": [turns], "candidates": [20], "label": i}  (per-epoch R@1)
-- chitchat-test20.jsonl the held-out table's set (--test-examples examples)
-- spc-test20.txt       ConvAI2 format (when the SPC file is present)
-A context is the last --turns turns before the response. Negatives are 19 responses drawn at
-random from a fixed sample of 1,000 responses of the same split.
+- train.jsonl          {"context": [turns], "response": text}: every chitchat train pair with
+                       the last k turns as context (k drawn from 1..--turns), plus the SPC
+                       train pairs of both speakers, --spc-repeat times, each copy with its own
+                       k and with the speaker's persona in front half of the time.
+- valid20.jsonl        chitchat valid, 20 candidates (recipe choices, per-checkpoint R@1)
+- spc-valid20.txt      SPC valid, ConvAI2 format (recipe choices)
+- chitchat-test20.jsonl chitchat test (the README table only), context = last 3 turns
+- spc-test20.txt       SPC test, ConvAI2 format (the README table only)
+Eval negatives: 19 responses drawn at random from the same split.
 """
 import argparse
 import csv
@@ -26,22 +31,25 @@ import chitchat_dataset
 ROOT = Path(__file__).resolve().parent.parent
 OUT = ROOT / "data" / "dialogues"
 SPC = ROOT.parent / "shared" / "data" / "spc" / "Synthetic-Persona-Chat_test.csv"
+EVAL_TURNS = 3
 
 
-def split_of(key):
+def split_of(key, test=1, valid=1):
     h = int(hashlib.sha256(key.encode()).hexdigest(), 16) % 10
-    return "test" if h == 0 else "valid" if h == 1 else "train"
+    return "test" if h < test else "valid" if h < test + valid else "train"
 
 
-def chitchat_pairs(turns_kept):
+def chitchat_dialogues():
     data = chitchat_dataset.Dataset()
-    pairs = {"train": [], "valid": [], "test": []}
+    out = {"train": [], "valid": [], "test": []}
     for key in sorted(data):
         turns = [" ".join(u["text"] for u in m).strip() for m in data[key]["messages"]]
-        turns = [t for t in turns if t]
-        for i in range(1, len(turns)):
-            pairs[split_of(key)].append({"context": turns[max(0, i - turns_kept):i], "response": turns[i]})
-    return pairs
+        out[split_of(key)].append([t for t in turns if t])
+    return out
+
+
+def pairs_of(dialogues, turns_kept):
+    return [{"context": d[max(0, i - turns_kept):i], "response": d[i]} for d in dialogues for i in range(1, len(d))]
 
 
 def with_candidates(pairs, n, rng, n_cands=20, negative_pool=1000):
@@ -67,33 +75,53 @@ def write_jsonl(path, rows):
     path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
 
 
-def spc_convai2(rng, max_examples):
-    """User 2 answers; their persona is 'your persona:' lines, as in ConvAI2's 'self' files."""
-    rows = list(csv.DictReader(open(SPC, encoding="utf-8")))
-    episodes, responses = [], []
-    for row in rows:
-        persona = [p.strip() for p in row["user 2 personas"].split("\n") if p.strip()]
+def spc_conversations():
+    """[(key, {speaker: persona lines}, [(speaker, text)])] in file order."""
+    out = []
+    for row in csv.DictReader(open(SPC, encoding="utf-8")):
+        personas = {
+            s: [p.strip() for p in row[f"user {s} personas"].split("\n") if p.strip()] for s in ("1", "2")
+        }
         turns = []
         for line in row["Best Generated Conversation"].split("\n"):
             line = line.strip()
-            for who in ("User 1:", "User 2:"):
-                if line.startswith(who):
-                    turns.append((who, line[len(who):].strip()))
-        pairs = []  # (partner text, user 2 reply)
-        for a, b in zip(turns, turns[1:]):
-            if a[0] == "User 1:" and b[0] == "User 2:" and a[1] and b[1]:
-                pairs.append((a[1], b[1]))
-                responses.append(b[1])
-        if pairs:
-            episodes.append((persona, pairs))
-    responses = sorted(set(responses))
-    lines, count = [], 0
+            for s in ("1", "2"):
+                who = f"User {s}:"
+                if line.startswith(who) and line[len(who):].strip():
+                    turns.append((s, line[len(who):].strip()))
+        key = row["user 1 personas"] + "|" + row["user 2 personas"] + "|" + row["Best Generated Conversation"][:200]
+        out.append((key, personas, turns))
+    return out
+
+
+def spc_train_pairs(convs, rng, turns_kept, repeat):
+    """Both speakers' replies; persona (of the one replying) in front half of the time."""
+    out = []
+    for _ in range(repeat):
+        for _, personas, turns in convs:
+            for i in range(1, len(turns)):
+                speaker, reply = turns[i]
+                if turns[i - 1][0] == speaker:
+                    continue
+                k = rng.randint(1, turns_kept)
+                ctx = [t for _, t in turns[max(0, i - k):i]]
+                if rng.random() < 0.5:
+                    ctx = [f"your persona: {p}" for p in personas[speaker]] + ctx
+                out.append({"context": ctx, "response": reply})
+    return out
+
+
+def spc_convai2(convs, rng, max_examples):
+    """ConvAI2 'self' format: User 2 answers, their persona as 'your persona:' lines."""
+    responses = sorted({t for _, _, turns in convs for s, t in turns if s == "2"})
     clean = lambda s: s.replace("\t", " ").replace("|", " ").replace("\n", " ")
-    for persona, pairs in episodes:
-        if count >= max_examples:
-            break
+    lines, count = [], 0
+    for _, personas, turns in convs:
+        pairs = [(a[1], b[1]) for a, b in zip(turns, turns[1:]) if a[0] == "1" and b[0] == "2"]
+        if not pairs or count >= max_examples:
+            continue
         n = 1
-        for p in persona:
+        for p in personas["2"]:
             lines.append(f"{n} your persona: {clean(p)}")
             n += 1
         for text, reply in pairs:
@@ -112,27 +140,43 @@ def spc_convai2(rng, max_examples):
 
 def main():
     ap = argparse.ArgumentParser()
-    ap.add_argument("--turns", type=int, default=3)
-    ap.add_argument("--train-pairs", type=int, default=10000)
+    ap.add_argument("--turns", type=int, default=4, help="training contexts keep 1..turns turns")
+    ap.add_argument("--spc-repeat", type=int, default=3, help="copies of the SPC train pairs")
     ap.add_argument("--valid-examples", type=int, default=300)
-    ap.add_argument("--test-examples", type=int, default=1000)
-    ap.add_argument("--spc-examples", type=int, default=500)
+    ap.add_argument("--test-examples", type=int, default=2000)
+    ap.add_argument("--spc-test-examples", type=int, default=100000)
     ap.add_argument("--seed", type=int, default=0)
     a = ap.parse_args()
-    rng = random.Random(a.seed)
+    # One generator per output, so changing one output's recipe leaves the others as they were.
+    rng = lambda name: random.Random(f"{a.seed}/{name}")
     OUT.mkdir(parents=True, exist_ok=True)
-    pairs = chitchat_pairs(a.turns)
-    train = rng.sample(pairs["train"], min(a.train_pairs, len(pairs["train"])))
-    write_jsonl(OUT / "train.jsonl", train)
-    write_jsonl(OUT / "valid20.jsonl", with_candidates(pairs["valid"], a.valid_examples, rng))
-    write_jsonl(OUT / "chitchat-test20.jsonl", with_candidates(pairs["test"], a.test_examples, rng))
-    sizes = {k: len(v) for k, v in pairs.items()}
-    msg = f"chitchat pairs per split {sizes}; wrote {len(train)} train pairs"
+    chat = chitchat_dialogues()
+    r = rng("chitchat-train")
+    train = []
+    for d in chat["train"]:
+        for i in range(1, len(d)):
+            k = r.randint(1, a.turns)
+            train.append({"context": d[max(0, i - k):i], "response": d[i]})
+    n_chat = len(train)
+    write_jsonl(OUT / "valid20.jsonl", with_candidates(pairs_of(chat["valid"], EVAL_TURNS), a.valid_examples, rng("chitchat-valid")))
+    write_jsonl(OUT / "chitchat-test20.jsonl", with_candidates(pairs_of(chat["test"], EVAL_TURNS), a.test_examples, rng("chitchat-test")))
+    msg = f"chitchat dialogues per split { {k: len(v) for k, v in chat.items()} }; {n_chat} chitchat train pairs"
     if SPC.exists():
-        text, n = spc_convai2(rng, a.spc_examples)
+        convs = spc_conversations()
+        split = {"train": [], "valid": [], "test": []}
+        for c in convs:
+            split[split_of(c[0], test=2, valid=1)].append(c)
+        spc_train = spc_train_pairs(split["train"], rng("spc-train"), a.turns, a.spc_repeat)
+        train += spc_train
+        text, n_valid = spc_convai2(split["valid"], rng("spc-valid"), a.valid_examples)
+        (OUT / "spc-valid20.txt").write_text(text, encoding="utf-8")
+        text, n_test = spc_convai2(split["test"], rng("spc-test"), a.spc_test_examples)
         (OUT / "spc-test20.txt").write_text(text, encoding="utf-8")
-        msg += f"; {n} SPC ConvAI2 examples"
-    print(msg)
+        msg += (f"; SPC conversations per split { {k: len(v) for k, v in split.items()} }, "
+                f"{len(spc_train)} SPC train pairs ({a.spc_repeat} copies), {n_valid} valid / {n_test} test examples")
+    rng("shuffle").shuffle(train)
+    write_jsonl(OUT / "train.jsonl", train)
+    print(msg + f"; {len(train)} train pairs in all")
 
 
 if __name__ == "__main__":

@@ -6,10 +6,11 @@
 //! little-endian. Written to a temp file and renamed, so a reader sees a whole file or none;
 //! a truncated or corrupted file fails its length or checksum and is never served.
 
+use crate::fingerprint;
 use crate::model::settings::*;
 use anyhow::{bail, Context, Result};
 use sha2::{Digest, Sha256};
-use std::io::{Read, Write};
+use std::io::Write;
 use std::path::{Path, PathBuf};
 use tch::{Kind, Tensor};
 
@@ -21,41 +22,22 @@ pub struct PoolCache {
     key: [u8; 32],
 }
 
-fn hash_file(h: &mut Sha256, path: &Path) -> Result<()> {
-    let mut f = std::fs::File::open(path).with_context(|| format!("hashing {}", path.display()))?;
-    let mut buf = vec![0u8; 1 << 20];
-    // Length-prefix each part so two different splits of the same bytes differ.
-    h.update(f.metadata()?.len().to_le_bytes());
-    loop {
-        let n = f.read(&mut buf)?;
-        if n == 0 {
-            return Ok(());
-        }
-        h.update(&buf[..n]);
-    }
-}
-
 impl PoolCache {
     /// `extra` carries serving settings that change the vectors (none today besides the files).
     pub fn new(cache_dir: &Path, model_dir: &Path, settings: &PolySettings, candidate_files: &[PathBuf]) -> Result<Self> {
         let mut h = Sha256::new();
         h.update(MAGIC);
-        let mut files = vec![
-            model_dir.join(CONFIG_FILE),
-            model_dir.join(WEIGHTS_FILE),
-            model_dir.join(TOKENIZER_FILE),
-            model_dir.join(SETTINGS_FILE),
-        ];
+        // The order of the first files is part of the key: keep it, so existing caches stay valid.
+        let mut files = fingerprint::encoder_files(model_dir, settings);
+        let candidate_side = files.split_off(3);
+        files.push(model_dir.join(SETTINGS_FILE));
         if model_dir.join(HEAD_FILE).exists() {
             files.push(model_dir.join(HEAD_FILE));
         }
-        if !settings.share_encoders {
-            files.push(model_dir.join(CANDIDATE_ENCODER_DIR).join(CONFIG_FILE));
-            files.push(model_dir.join(CANDIDATE_ENCODER_DIR).join(WEIGHTS_FILE));
-        }
+        files.extend(candidate_side);
         files.extend(candidate_files.iter().cloned());
         for f in &files {
-            hash_file(&mut h, f)?;
+            fingerprint::hash_file(&mut h, f)?;
         }
         let key: [u8; 32] = h.finalize().into();
         Ok(PoolCache { path: cache_dir.join(format!("{}.pool", hex::encode(key))), key })

@@ -70,7 +70,7 @@ pub fn init_head(a: InitHeadArgs) -> Result<()> {
 #[derive(Args)]
 pub struct EvalArgs {
     /// Model directories; repeat to compare several. Models that share an encoder (same
-    /// weights file and candidate-side settings) share one encoding pass.
+    /// weights and tokenizer content and encoder-side settings) share one encoding pass.
     #[arg(long, default_value = "models/default", num_args = 1..)]
     pub model: Vec<PathBuf>,
     /// JSONL {"context": [turns], "candidates": [...], "label": i}, or ConvAI2 text format.
@@ -86,23 +86,9 @@ pub struct EvalArgs {
     pub limit: Option<usize>,
 }
 
-/// What the encoder-side features depend on.
+/// What the encoder-side features depend on: the encoder's content and settings.
 fn encoder_identity(r: &Ranker) -> Result<String> {
-    let s = &r.model.settings;
-    let weights = r.model.dir.join(WEIGHTS_FILE).canonicalize()?;
-    let tokenizer = r.model.dir.join(TOKENIZER_FILE).canonicalize()?;
-    Ok(format!(
-        "{}|{}|{}|{}|{:?}|{}|{}|{}|{}",
-        weights.display(),
-        tokenizer.display(),
-        s.max_context_tokens,
-        s.max_candidate_tokens,
-        s.candidate_pooling,
-        s.normalize,
-        s.output_scaling,
-        s.share_encoders,
-        s.turn_delimiter
-    ))
+    crate::fingerprint::encoder_fingerprint(&r.model.dir, &r.model.settings, &[])
 }
 
 pub fn eval(a: EvalArgs) -> Result<()> {

@@ -4,6 +4,7 @@ pub mod cache;
 pub mod cli;
 pub mod config;
 pub mod engine;
+pub mod fingerprint;
 pub mod eval;
 pub mod http;
 pub mod metrics;

@@ -92,25 +92,12 @@ fn training_lowers_the_loss_raises_r1_and_the_checkpoint_serves() {
     write_tiny_model(&base, &settings, 3).unwrap();
     let (train_path, valid_path) = write_toy(dir.path());
     let out = dir.path().join("trained");
-    let args = TrainArgs {
-        base: base.clone(),
-        data: train_path.clone(),
-        valid: Some(valid_path.clone()),
-        out: out.clone(),
-        n_codes: Some(8),
-        init_std: None,
-        epochs: 10,
-        batch_size: 32,
-        lr: 1e-2,
-        weight_decay: 0.0,
-        extra_negatives: 0,
-        logit_scale: 1.0,
-        seed: 1,
-        resume: false,
-        limit: None,
-        features_cache: None,
-        threads: 1,
-    };
+    let p = |p: &Path| p.to_str().unwrap().to_string();
+    let args = TrainArgs::from_flags(&[
+        "--base", &p(&base), "--data", &p(&train_path), "--valid", &p(&valid_path), "--out", &p(&out),
+        "--n-codes", "8", "--epochs", "10", "--batch-size", "32", "--lr", "1e-2", "--seed", "1", "--threads", "1",
+    ])
+    .unwrap();
     let state = train(args.clone()).unwrap();
     let first = &state.history[0];
     let last = state.history.last().unwrap();
