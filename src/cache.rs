@@ -94,6 +94,45 @@ impl PoolCache {
     }
 }
 
+/// A temp file of an interrupted write is removed when the process that wrote it is gone from
+/// this host, or when nobody has written to it for this long (a writer on another host that
+/// shares the volume).
+const STALE_TEMP: std::time::Duration = std::time::Duration::from_secs(600);
+
+impl PoolCache {
+    /// Removes temp files of interrupted writes and all but the newest `keep` pool files
+    /// (this pool's own file always stays), so a shared cache volume does not only grow.
+    pub fn clean(&self, keep: usize) {
+        let Some(dir) = self.path.parent() else { return };
+        let Ok(entries) = std::fs::read_dir(dir) else { return };
+        let mut pools: Vec<(std::time::SystemTime, PathBuf)> = Vec::new();
+        for e in entries.flatten() {
+            let (path, name) = (e.path(), e.file_name().to_string_lossy().into_owned());
+            let modified = e.metadata().and_then(|m| m.modified()).unwrap_or(std::time::UNIX_EPOCH);
+            if let Some((_, pid)) = name.split_once(".pool.tmp.") {
+                let writer_gone = pid.parse::<u32>().is_ok_and(|p| p != std::process::id() && !Path::new(&format!("/proc/{p}")).exists());
+                let idle = modified.elapsed().is_ok_and(|d| d > STALE_TEMP);
+                if writer_gone || idle {
+                    remove(&path, "temp file of an interrupted cache write");
+                }
+            } else if name.ends_with(".pool") && path != self.path {
+                pools.push((modified, path));
+            }
+        }
+        pools.sort_by(|a, b| b.0.cmp(&a.0));
+        for (_, path) in pools.into_iter().skip(keep.saturating_sub(1)) {
+            remove(&path, "superseded pool cache file");
+        }
+    }
+}
+
+fn remove(path: &Path, what: &str) {
+    match std::fs::remove_file(path) {
+        Ok(()) => tracing::info!(path = %path.display(), "removed {what}"),
+        Err(e) => tracing::warn!(path = %path.display(), "could not remove {what}: {e}"),
+    }
+}
+
 /// `POLYRANK_TEST_SLOW_CACHE_WRITE_MS` stretches the write over that many milliseconds so the
 /// crash-safety test can kill the process mid-write. Unset in normal use.
 fn write_slowly_if_asked(f: &mut std::fs::File, body: &[u8]) -> Result<()> {

@@ -97,7 +97,7 @@ pub fn eval(a: EvalArgs) -> Result<()> {
         examples.truncate(n);
     }
     if !a.json {
-        println!("| model | examples | R@1 | R@5 | R@10 | MRR |");
+        println!("| model | examples | R@1 ± se | R@5 | R@10 | MRR ± se |");
         println!("|---|---|---|---|---|---|");
     }
     let mut shared: Option<(String, crate::eval::Features)> = None;
@@ -113,7 +113,17 @@ pub fn eval(a: EvalArgs) -> Result<()> {
         if a.json {
             println!("{}", serde_json::json!({"model": dir, "metrics": m}));
         } else {
-            println!("| {} | {} | {:.4} | {:.4} | {:.4} | {:.4} |", dir.display(), m.examples, m.r_at_1, m.r_at_5, m.r_at_10, m.mrr);
+            println!(
+                "| {} | {} | {:.4} ± {:.4} | {:.4} | {:.4} | {:.4} ± {:.4} |",
+                dir.display(),
+                m.examples,
+                m.r_at_1,
+                m.r_at_1_se,
+                m.r_at_5,
+                m.r_at_10,
+                m.mrr,
+                m.mrr_se
+            );
         }
     }
     Ok(())

@@ -42,6 +42,12 @@ pub struct ServeArgs {
     #[arg(long, env = "POLYRANK_ENCODE_BATCH_SIZE")]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub encode_batch_size: Option<usize>,
+    /// Most tokens one request may cost (context + inline candidates, or /encode's texts,
+    /// after truncation); dearer requests get 422 at admission, so no admissible request can
+    /// hold the model for long.
+    #[arg(long, env = "POLYRANK_MAX_REQUEST_TOKENS")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub max_request_tokens: Option<usize>,
     /// Most requests merged into one inference batch.
     #[arg(long, env = "POLYRANK_MAX_BATCH_SIZE")]
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -103,6 +109,11 @@ pub struct ServeArgs {
     #[arg(long, env = "POLYRANK_APPROX_PRESELECT")]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub approx_preselect: Option<usize>,
+    /// Pool cache files kept in cache_dir (the current one and the newest others); older ones,
+    /// and temp files of interrupted writes, are removed at startup.
+    #[arg(long, env = "POLYRANK_CACHE_KEEP")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub cache_keep: Option<usize>,
     /// Store pool vectors in fp16 (half the memory; scores computed in fp32).
     #[arg(long, env = "POLYRANK_FP16_CANDIDATES")]
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -119,6 +130,7 @@ pub struct Config {
     pub host: String,
     pub port: u16,
     pub encode_batch_size: usize,
+    pub max_request_tokens: usize,
     pub max_batch_size: usize,
     pub max_batch_tokens: usize,
     pub max_wait_ms: u64,
@@ -135,8 +147,13 @@ pub struct Config {
     pub api_key: Option<String>,
     pub threads: usize,
     pub approx_preselect: usize,
+    pub cache_keep: usize,
     pub fp16_candidates: bool,
 }
+
+/// More intra-op threads than this many per core only adds contention (and each costs
+/// memory and a slot of the host's thread limit).
+const MAX_THREADS_PER_CORE: usize = 4;
 
 impl Config {
     /// File values first, then every flag or variable that was given.
@@ -160,10 +177,42 @@ impl Config {
             (1..=self.max_top_k).contains(&self.default_top_k),
             "default_top_k must be between 1 and max_top_k"
         );
-        anyhow::ensure!(self.max_batch_size >= 1 && self.encode_batch_size >= 1, "batch sizes must be at least 1");
-        anyhow::ensure!(self.queue_capacity >= 1, "queue_capacity must be at least 1");
-        anyhow::ensure!(self.approx_preselect >= 1, "approx_preselect must be at least 1");
+        for (name, value) in [
+            ("max_batch_size", self.max_batch_size),
+            ("encode_batch_size", self.encode_batch_size),
+            ("max_batch_tokens", self.max_batch_tokens),
+            ("max_request_tokens", self.max_request_tokens),
+            ("queue_capacity", self.queue_capacity),
+            ("approx_preselect", self.approx_preselect),
+            ("max_inline_candidates", self.max_inline_candidates),
+            ("max_encode_texts", self.max_encode_texts),
+            ("max_text_chars", self.max_text_chars),
+            ("body_limit_bytes", self.body_limit_bytes),
+            ("request_timeout_ms", self.request_timeout_ms as usize),
+            ("cache_keep", self.cache_keep),
+        ] {
+            anyhow::ensure!(value >= 1, "{name} must be at least 1 (0 would refuse every request or disable the limit)");
+        }
+        let cores = crate::engine::num_cpus();
+        anyhow::ensure!(
+            self.threads <= MAX_THREADS_PER_CORE * cores,
+            "threads = {} is more than {MAX_THREADS_PER_CORE} per core on this {cores}-core host (0 = one per core)",
+            self.threads
+        );
         anyhow::ensure!(!self.candidates.is_empty(), "at least one candidates file is needed");
+        self.device()?;
+        Ok(())
+    }
+
+    /// Checks that need the model's settings: one context and one candidate of the longest
+    /// the model reads must fit the per-request budget.
+    pub fn validate_for(&self, s: &crate::model::settings::PolySettings) -> Result<()> {
+        let least = s.max_context_tokens + s.max_candidate_tokens;
+        anyhow::ensure!(
+            self.max_request_tokens >= least,
+            "max_request_tokens = {} cannot admit one context and one candidate of the model's longest ({least} tokens)",
+            self.max_request_tokens
+        );
         Ok(())
     }
 
@@ -177,13 +226,21 @@ impl Config {
     }
 }
 
+/// `cpu`, `cuda` or `cuda:N`, and for CUDA a device this host has.
 pub fn parse_device(s: &str) -> Result<tch::Device> {
-    match s {
-        "cpu" => Ok(tch::Device::Cpu),
-        "cuda" => Ok(tch::Device::Cuda(0)),
-        other => match other.strip_prefix("cuda:").and_then(|n| n.parse().ok()) {
-            Some(n) => Ok(tch::Device::Cuda(n)),
+    let index = match s {
+        "cpu" => return Ok(tch::Device::Cpu),
+        "cuda" => 0,
+        other => match other.strip_prefix("cuda:").and_then(|n| n.parse::<usize>().ok()) {
+            Some(n) => n,
             None => anyhow::bail!("device `{other}`: expected cpu, cuda or cuda:N"),
         },
-    }
+    };
+    let count = tch::Cuda::device_count() as usize;
+    anyhow::ensure!(
+        index < count,
+        "device `{s}`: this host has {count} CUDA device(s){}",
+        if count == 0 { " (no CUDA driver or a CPU-only libtorch); use device = \"cpu\"" } else { "" }
+    );
+    Ok(tch::Device::Cuda(index))
 }

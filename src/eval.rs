@@ -96,18 +96,28 @@ pub struct Metrics {
     pub r_at_5: f64,
     pub r_at_10: f64,
     pub mrr: f64,
+    /// Standard errors over examples: √(p(1−p)/n) for R@1, s/√n for MRR.
+    #[serde(default)]
+    pub r_at_1_se: f64,
+    #[serde(default)]
+    pub mrr_se: f64,
 }
 
 /// From 1-based ranks of the true candidate.
 pub fn metrics(ranks: &[usize]) -> Metrics {
     let n = ranks.len().max(1) as f64;
     let within = |k: usize| ranks.iter().filter(|&&r| r <= k).count() as f64 / n;
+    let r1 = within(1);
+    let mrr = ranks.iter().map(|&r| 1.0 / r as f64).sum::<f64>() / n;
+    let mrr_var = ranks.iter().map(|&r| (1.0 / r as f64 - mrr).powi(2)).sum::<f64>() / (n - 1.0).max(1.0);
     Metrics {
         examples: ranks.len(),
-        r_at_1: within(1),
+        r_at_1: r1,
         r_at_5: within(5),
         r_at_10: within(10),
-        mrr: ranks.iter().map(|&r| 1.0 / r as f64).sum::<f64>() / n,
+        mrr,
+        r_at_1_se: (r1 * (1.0 - r1) / n).sqrt(),
+        mrr_se: (mrr_var / n).sqrt(),
     }
 }
 

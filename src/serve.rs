@@ -11,6 +11,7 @@ pub fn serve(args: ServeArgs) -> Result<()> {
     tracing::info!(config = %serde_json::to_string(&config).unwrap_or_default(), "settings");
     let metrics = crate::metrics::install()?;
     let settings = crate::model::settings::PolySettings::load(config.model_dir())?;
+    config.validate_for(&settings)?;
     let (engine, inference) = crate::engine::start(&config, &settings)?;
     let text = Arc::new(TextEncoder::load(config.model_dir(), &settings)?);
     let state = Arc::new(AppState { engine, text, config: config.clone(), metrics });
@@ -19,16 +20,17 @@ pub fn serve(args: ServeArgs) -> Result<()> {
         .enable_all()
         .build()
         .context("starting the tokio runtime")?;
-    runtime.block_on(async move {
+    let served = runtime.block_on(async move {
         let addr = format!("{}:{}", config.host, config.port);
         let listener = tokio::net::TcpListener::bind(&addr).await.with_context(|| format!("binding {addr}"))?;
         tracing::info!("listening on {}", listener.local_addr()?);
         axum::serve(listener, router(state)).with_graceful_shutdown(shutdown_signal()).await?;
         anyhow::Ok(())
-    })?;
-    // The router (and with it the last engine handle) is gone: the inference thread finishes
-    // its current batch and ends.
-    drop(inference);
+    });
+    // Drained (or failed to start, perhaps mid pool encoding): stop the inference thread at
+    // its next chunk and wait for it, so the process never exits under running libtorch work.
+    inference.shutdown();
+    served?;
     tracing::info!("stopped");
     Ok(())
 }

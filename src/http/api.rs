@@ -104,6 +104,36 @@ pub fn check_texts(what: &str, texts: &[String], max_items: usize, max_chars: us
     Ok(())
 }
 
+/// Cheap bounds, before tokenizing, on the tokens a text costs once truncated to `max`: every
+/// whitespace-separated word with a letter or digit yields at least one token, and no token
+/// is shorter than one character; 2 for [CLS] and [SEP].
+fn token_bounds(text: &str, max: usize) -> (usize, usize) {
+    let words = text.split_whitespace().filter(|w| w.chars().any(char::is_alphanumeric)).count();
+    ((words + 2).min(max), (text.chars().count() + 2).min(max))
+}
+
+/// The per-request budget (`max_request_tokens`): a request whose texts cost more is refused
+/// at admission, before it reaches the model. `at_least` when `cost` is a lower bound.
+fn within_budget(state: &AppState, cost: usize, at_least: bool) -> Result<(), ApiError> {
+    let budget = state.config.max_request_tokens;
+    if cost <= budget {
+        return Ok(());
+    }
+    Err(ApiError::Validation(format!(
+        "this request costs {}{cost} tokens (context and candidates after truncation); the per-request budget is {budget} (max_request_tokens): send fewer or shorter texts",
+        if at_least { "at least " } else { "" }
+    )))
+}
+
+fn lengths(state: &AppState) -> (usize, usize) {
+    let info = state.engine.status.info.get().expect("model info set before the server starts");
+    (info.max_context_tokens, info.max_candidate_tokens)
+}
+
+fn cost(enc: &[tokenizers::Encoding]) -> usize {
+    enc.iter().map(|e| e.get_ids().len()).sum()
+}
+
 fn ensure_ready(state: &AppState) -> Result<(), ApiError> {
     let s = &state.engine.status;
     if s.is_ready() {
@@ -175,17 +205,23 @@ pub async fn rank(State(state): State<Arc<AppState>>, ApiJson(req): ApiJson<Rank
     if req.approximate && (req.candidates.is_some() || req.ids.is_some()) {
         return Err(ApiError::Validation("approximate ranks the pool; it cannot be combined with candidates or ids".into()));
     }
+    let joined = state.text.join_turns(&turns);
+    let (max_ctx, max_cand) = lengths(&state);
     let target = match (&req.candidates, &req.ids) {
         (Some(cands), _) => {
             check_texts("candidates", cands, c.max_inline_candidates, c.max_text_chars)?;
+            let least = token_bounds(&joined, max_ctx).0 + cands.iter().map(|t| token_bounds(t, max_cand).0).sum::<usize>();
+            within_budget(&state, least, true)?;
             Target::Inline(tokenize(&state, cands.clone(), TextKind::Candidate).await?)
         }
         (None, Some(ids)) => Target::Subset(pool_rows(&pool, ids, c.max_inline_candidates)?),
         (None, None) if req.approximate => Target::Approximate(c.approx_preselect as i64),
         (None, None) => Target::Pool,
     };
-    let joined = state.text.join_turns(&turns);
     let context = tokenize(&state, vec![joined], TextKind::Context).await?.remove(0);
+    if let Target::Inline(cands) = &target {
+        within_budget(&state, context.get_ids().len() + cost(cands), false)?;
+    }
     let ranked = match run(&state, Work::Rank { context, target, top_k }, started).await? {
         Output::Ranked(r) => r,
         Output::Vectors { .. } => return Err(ApiError::Internal("unexpected engine output".into())),
@@ -209,6 +245,10 @@ fn pool_rows(pool: &crate::pool::Pool, ids: &[String], max: usize) -> Result<Vec
     if ids.is_empty() || ids.len() > max {
         return Err(ApiError::Validation(format!("ids must hold between 1 and {max} ids, got {}", ids.len())));
     }
+    let mut seen = std::collections::HashSet::with_capacity(ids.len());
+    if let Some(dup) = ids.iter().find(|id| !seen.insert(id.as_str())) {
+        return Err(ApiError::Validation(format!("id {dup:?} is given more than once")));
+    }
     let mut rows = Vec::with_capacity(ids.len());
     let mut unknown = Vec::new();
     for id in ids {
@@ -229,7 +269,11 @@ pub async fn encode(State(state): State<Arc<AppState>>, ApiJson(req): ApiJson<En
     ensure_ready(&state)?;
     let c = &state.config;
     check_texts("texts", &req.texts, c.max_encode_texts, c.max_text_chars)?;
+    let (max_ctx, max_cand) = lengths(&state);
+    let max = if req.kind == TextKind::Context { max_ctx } else { max_cand };
+    within_budget(&state, req.texts.iter().map(|t| token_bounds(t, max).0).sum(), true)?;
     let enc = tokenize(&state, req.texts, req.kind).await?;
+    within_budget(&state, cost(&enc), false)?;
     let (shape, data) = match run(&state, Work::Encode { texts: enc, kind: req.kind }, started).await? {
         Output::Vectors { shape, data } => (shape, data),
         Output::Ranked(_) => return Err(ApiError::Internal("unexpected engine output".into())),
@@ -280,6 +324,7 @@ pub async fn info(State(state): State<Arc<AppState>>) -> Json<serde_json::Value>
         "max_encode_texts": state.config.max_encode_texts,
         "max_text_chars": state.config.max_text_chars,
         "approx_preselect": state.config.approx_preselect,
+        "max_request_tokens": state.config.max_request_tokens,
         "body_limit_bytes": state.config.body_limit_bytes,
     });
     Json(v)

@@ -22,7 +22,8 @@ use tower_http::cors::{AllowOrigin, CorsLayer};
 use tower_http::limit::RequestBodyLimitLayer;
 use tower_http::request_id::{MakeRequestUuid, PropagateRequestIdLayer, SetRequestIdLayer};
 use tower_http::timeout::TimeoutLayer;
-use tower_http::trace::TraceLayer;
+use tower_http::trace::{DefaultOnFailure, TraceLayer};
+use tracing::Level;
 
 pub struct AppState {
     pub engine: EngineHandle,
@@ -39,15 +40,23 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/rank", post(api::rank))
         .route("/encode", post(api::encode))
         .route_layer(middleware::from_fn_with_state(state.clone(), require_api_key));
-    Router::new()
-        .merge(protected)
+    // Probes get their own trace layer: a 503 from /health/ready while the pool loads is
+    // expected, not an error worth an ERROR line every few seconds.
+    let probes = Router::new()
         .route("/health/live", get(api::live))
         .route("/health/ready", get(api::ready))
+        .layer(trace_layer().on_failure(DefaultOnFailure::new().level(Level::DEBUG)));
+    let api = Router::new()
+        .merge(protected)
         .route("/info", get(api::info))
         .route("/metrics", get(api::metrics))
         .route("/openapi.yaml", get(api::openapi))
         .fallback(|| async { ApiError::NotFound })
         .method_not_allowed_fallback(|| async { ApiError::MethodNotAllowed })
+        .layer(trace_layer());
+    Router::new()
+        .merge(probes)
+        .merge(api)
         .layer(RequestBodyLimitLayer::new(c.body_limit_bytes))
         // The engine answers 503 at the deadline itself; this is the backstop for anything else.
         .layer(TimeoutLayer::with_status_code(
@@ -60,12 +69,18 @@ pub fn router(state: Arc<AppState>) -> Router {
         .layer(cors(&c.cors_origins))
         .layer(middleware::from_fn(record_metrics))
         .layer(PropagateRequestIdLayer::new(REQUEST_ID))
-        .layer(TraceLayer::new_for_http().make_span_with(|req: &Request| {
-            let id = req.headers().get(REQUEST_ID).and_then(|v| v.to_str().ok()).unwrap_or("-");
-            tracing::info_span!("request", method = %req.method(), uri = %req.uri(), request_id = %id)
-        }))
         .layer(SetRequestIdLayer::new(REQUEST_ID, MakeRequestUuid))
         .with_state(state)
+}
+
+type SpanFn = fn(&Request) -> tracing::Span;
+
+/// Request spans carry the method, URI and request id (set by the outer request-id layer).
+fn trace_layer() -> TraceLayer<tower_http::classify::SharedClassifier<tower_http::classify::ServerErrorsAsFailures>, SpanFn> {
+    TraceLayer::new_for_http().make_span_with(|req: &Request| {
+        let id = req.headers().get(REQUEST_ID).and_then(|v| v.to_str().ok()).unwrap_or("-");
+        tracing::info_span!("request", method = %req.method(), uri = %req.uri(), request_id = %id)
+    })
 }
 
 fn cors(origins: &[String]) -> CorsLayer {

@@ -2,17 +2,24 @@
 //! arrive over a bounded channel (full → the caller answers 429); the thread merges waiting
 //! requests into one batch by a token budget, runs each kind of work once per batch, and
 //! answers every request on its own oneshot.
+//!
+//! No request may hold the thread for long: requests whose texts to encode exceed one chunk
+//! are encoded a chunk at a time (`chunked.rs`), between batches of other work, and dropped
+//! between chunks once their deadline passed or their client went away.
+
+mod batch;
+mod chunked;
 
 use crate::cache::PoolCache;
 use crate::config::Config;
 use crate::metrics as m;
-use crate::model::scoring::{top_k, ContextCodes};
 use crate::pool::Pool;
 use crate::ranker::Ranker;
 use crate::tokenizer::TextKind;
 use anyhow::{Context, Result};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::sync::mpsc::{sync_channel, Receiver, RecvTimeoutError, SyncSender, TrySendError};
+use std::collections::VecDeque;
+use std::sync::mpsc::{sync_channel, Receiver, RecvTimeoutError, SyncSender, TryRecvError, TrySendError};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 use tch::{Kind, Tensor};
@@ -53,6 +60,12 @@ pub enum EngineError {
     Failed(String),
 }
 
+/// The outcome of a job's part of a batch: answered, or its texts go on in chunks.
+enum Step {
+    Done(Result<Output, EngineError>),
+    Chunked(chunked::Chunked),
+}
+
 pub struct Job {
     work: Work,
     deadline: Instant,
@@ -61,7 +74,12 @@ pub struct Job {
 }
 
 impl Job {
-    /// Padded tokens this job adds to a batch, for the token budget.
+    /// Still wanted: within its deadline and its client still waiting.
+    fn alive(&self, now: Instant) -> bool {
+        self.deadline > now && !self.reply.is_closed()
+    }
+
+    /// Tokens this job adds to a batch, for the token budget.
     fn tokens(&self) -> usize {
         let len = |e: &Encoding| e.get_ids().len();
         match &self.work {
@@ -97,11 +115,16 @@ pub struct Status {
     failure: Mutex<Option<String>>,
     pub info: OnceLock<ModelInfo>,
     pub pool: OnceLock<Arc<Pool>>,
+    /// Set at shutdown: the inference thread stops at its next chunk boundary.
+    stopping: AtomicBool,
 }
 
 impl Status {
     pub fn is_ready(&self) -> bool {
         self.ready.load(Ordering::Acquire)
+    }
+    fn stopping(&self) -> bool {
+        self.stopping.load(Ordering::Acquire)
     }
     pub fn failure(&self) -> Option<String> {
         self.failure.lock().unwrap().clone()
@@ -136,6 +159,23 @@ impl EngineHandle {
     }
 }
 
+/// The running inference thread. `shutdown` stops it between two chunks of work and joins it:
+/// the process must not exit while libtorch runs on it (that ends in a crash, not an exit
+/// code).
+pub struct Inference {
+    thread: std::thread::JoinHandle<()>,
+    status: Arc<Status>,
+}
+
+impl Inference {
+    pub fn shutdown(self) {
+        self.status.stopping.store(true, Ordering::Release);
+        if self.thread.join().is_err() {
+            tracing::error!("the inference thread panicked");
+        }
+    }
+}
+
 /// Starts the inference thread, which loads the model (a bad model directory fails the start:
 /// this waits for the load), then encodes or loads the pool and starts answering.
 ///
@@ -145,7 +185,7 @@ impl EngineHandle {
 pub fn start(
     config: &Config,
     settings: &crate::model::settings::PolySettings,
-) -> Result<(EngineHandle, std::thread::JoinHandle<()>)> {
+) -> Result<(EngineHandle, Inference)> {
     let device = config.device()?;
     let pool = Arc::new(Pool::load(&config.candidates)?);
     let cache = PoolCache::new(&config.cache_dir, config.model_dir(), settings, &config.candidates)?;
@@ -184,7 +224,7 @@ pub fn start(
         Engine { ranker, config, status: thread_status, pool_vectors: Tensor::new() }.run(rx, &pool, &cache)
     })?;
     loaded_rx.recv().context("the inference thread ended during the model load")??;
-    Ok((EngineHandle { tx, status }, thread))
+    Ok((EngineHandle { tx, status: status.clone() }, Inference { thread, status }))
 }
 
 pub fn num_cpus() -> usize {
@@ -209,7 +249,9 @@ impl Engine {
                 metrics::gauge!(m::POOL_SIZE).set(pool.len() as f64);
                 self.status.ready.store(true, Ordering::Release);
                 tracing::info!(candidates = pool.len(), "ready");
+                cache.clean(self.config.cache_keep);
             }
+            Err(_) if self.status.stopping() => return,
             Err(e) => {
                 tracing::error!("pool encoding failed: {e:#}");
                 *self.status.failure.lock().unwrap() = Some(format!("{e:#}"));
@@ -217,16 +259,28 @@ impl Engine {
             }
         }
         let mut carry: Option<Job> = None;
-        loop {
+        let mut pending: VecDeque<chunked::Chunked> = VecDeque::new();
+        while !self.status.stopping() {
             let first = match carry.take() {
-                Some(j) => j,
-                None => match rx.recv() {
-                    Ok(j) => j,
-                    Err(_) => return, // every sender dropped: the server has shut down
+                Some(j) => Some(j),
+                // Idle: block, but wake now and then to notice a shutdown.
+                None if pending.is_empty() => match rx.recv_timeout(Duration::from_millis(200)) {
+                    Ok(j) => Some(j),
+                    Err(RecvTimeoutError::Timeout) => None,
+                    Err(RecvTimeoutError::Disconnected) => return, // the server has shut down
+                },
+                // Chunked work waits: take only what is already queued.
+                None => match rx.try_recv() {
+                    Ok(j) => Some(j),
+                    Err(TryRecvError::Empty) => None,
+                    Err(TryRecvError::Disconnected) => return,
                 },
             };
-            let batch = self.collect(first, &rx, &mut carry);
-            self.process(batch);
+            if let Some(first) = first {
+                let batch = self.collect(first, &rx, &mut carry);
+                self.process(batch, &mut pending);
+            }
+            self.advance_one(&mut pending);
         }
     }
 
@@ -258,140 +312,48 @@ impl Engine {
         batch
     }
 
-    fn process(&self, batch: Vec<Job>) {
+    fn process(&self, batch: Vec<Job>, pending: &mut VecDeque<chunked::Chunked>) {
         let now = Instant::now();
         metrics::histogram!(m::BATCH_SIZE).record(batch.len() as f64);
-        let (live, expired): (Vec<Job>, Vec<Job>) = batch.into_iter().partition(|j| j.deadline > now);
-        for j in expired {
+        let (live, dead): (Vec<Job>, Vec<Job>) = batch.into_iter().partition(|j| j.alive(now));
+        for j in dead {
             let _ = j.reply.send(Err(EngineError::Timeout));
         }
         for j in &live {
             metrics::histogram!(m::STAGE_SECONDS, "stage" => "queue").record((now - j.enqueued).as_secs_f64());
         }
         let works: Vec<&Work> = live.iter().map(|j| &j.work).collect();
-        // tch turns libtorch exceptions into panics; one bad batch must not take the thread.
-        let outputs = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| self.run_batch(&works)))
-            .unwrap_or_else(|p| {
-                let msg = p
-                    .downcast_ref::<String>()
-                    .cloned()
-                    .or_else(|| p.downcast_ref::<&str>().map(|s| s.to_string()))
-                    .unwrap_or_else(|| "panic in libtorch".into());
-                tracing::error!("batch failed: {msg}");
-                live.iter().map(|_| Err(EngineError::Failed(msg.clone()))).collect()
-            });
-        for (j, out) in live.into_iter().zip(outputs) {
-            let _ = j.reply.send(out);
+        let steps = guarded(|| self.run_batch(&works), live.len());
+        for (j, step) in live.into_iter().zip(steps) {
+            match step {
+                Step::Done(out) => {
+                    let _ = j.reply.send(out);
+                }
+                Step::Chunked(state) => pending.push_back(state.with_job(j)),
+            }
         }
     }
 
-    /// One batch: every context in one forward pass, every pool ranking in one scoring call.
-    fn run_batch(&self, works: &[&Work]) -> Vec<Result<Output, EngineError>> {
-        let mut out: Vec<Option<Result<Output, EngineError>>> = works.iter().map(|_| None).collect();
-        let start = Instant::now();
-        let bs = self.config.max_batch_size.max(1);
-
-        // Contexts: rank requests and context encodes share one encoder pass.
-        let mut ctx_encodings: Vec<Encoding> = Vec::new();
-        let mut ctx_owner: Vec<(usize, usize)> = Vec::new(); // (work index, row count)
-        for (i, w) in works.iter().enumerate() {
-            match w {
-                Work::Rank { context, .. } => {
-                    ctx_encodings.push(context.clone());
-                    ctx_owner.push((i, 1));
-                }
-                Work::Encode { texts, kind: TextKind::Context } => {
-                    ctx_encodings.extend(texts.iter().cloned());
-                    ctx_owner.push((i, texts.len()));
-                }
-                Work::Encode { .. } => {}
+    /// One chunk of the first chunked job still wanted; jobs past their deadline or whose
+    /// client left are dropped here, between chunks, so they free the thread at once.
+    fn advance_one(&self, pending: &mut VecDeque<chunked::Chunked>) {
+        while let Some(mut c) = pending.pop_front() {
+            if !c.alive(Instant::now()) {
+                c.answer(Err(EngineError::Timeout));
+                continue;
             }
+            let start = Instant::now();
+            let bs = self.config.encode_batch_size;
+            let step = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| c.advance(&self.ranker, bs)));
+            metrics::histogram!(m::STAGE_SECONDS, "stage" => "inference").record(start.elapsed().as_secs_f64());
+            match step {
+                // Round robin: several chunked jobs share the thread.
+                Ok(None) => pending.push_back(c),
+                Ok(Some(out)) => c.answer(Ok(out)),
+                Err(p) => c.answer(Err(EngineError::Failed(panic_message(p)))),
+            }
+            return;
         }
-        let codes = (!ctx_encodings.is_empty()).then(|| self.ranker.context_codes(&ctx_encodings, ctx_encodings.len()));
-
-        // Candidate encodes: one pass for all of them.
-        let cand_texts: Vec<Encoding> = works
-            .iter()
-            .filter_map(|w| match w {
-                Work::Encode { texts, kind: TextKind::Candidate } => Some(texts.iter().cloned()),
-                _ => None,
-            })
-            .flatten()
-            .collect();
-        let cand_vectors = (!cand_texts.is_empty()).then(|| self.ranker.candidate_vectors(&cand_texts, bs * 8));
-        metrics::histogram!(m::STAGE_SECONDS, "stage" => "inference").record(start.elapsed().as_secs_f64());
-
-        let score_start = Instant::now();
-        if let Some(codes) = &codes {
-            let mut row = 0i64;
-            let mut pool_rows: Vec<(usize, i64, i64)> = Vec::new(); // (work, codes row, k)
-            for &(i, n) in &ctx_owner {
-                match works[i] {
-                    Work::Rank { target: Target::Pool, top_k, .. } => pool_rows.push((i, row, *top_k)),
-                    Work::Rank { target: Target::Subset(rows), top_k, .. } => {
-                        out[i] = Some(Ok(Output::Ranked(self.rank_pool_rows(&codes.select(row), rows, *top_k))));
-                    }
-                    Work::Rank { target: Target::Approximate(preselect), top_k, .. } => {
-                        let c = codes.select(row);
-                        let rows = self.preselect(&c, *preselect);
-                        out[i] = Some(Ok(Output::Ranked(self.rank_pool_rows(&c, &rows, *top_k))));
-                    }
-                    Work::Rank { target: Target::Inline(texts), top_k, .. } => {
-                        let cands = self.ranker.candidate_vectors(texts, bs * 8);
-                        out[i] = Some(Ok(Output::Ranked(self.rank_rows(&codes.select(row), &cands, *top_k))));
-                    }
-                    Work::Encode { .. } => {
-                        let y = codes.y.narrow(0, row, n as i64);
-                        out[i] = Some(Ok(vectors(&y)));
-                    }
-                }
-                row += n as i64;
-            }
-            if !pool_rows.is_empty() {
-                // All pool rankings of the batch in one kernel call: [B, m, d] × [N, d].
-                let rows = Tensor::from_slice(&pool_rows.iter().map(|p| p.1).collect::<Vec<_>>()).to_device(codes.y.device());
-                let sub = ContextCodes { y: codes.y.index_select(0, &rows), mask: codes.mask.index_select(0, &rows) };
-                let scores = self.ranker.model.score(&sub, &self.pool_vectors);
-                for (b, &(i, _, k)) in pool_rows.iter().enumerate() {
-                    out[i] = Some(Ok(Output::Ranked(top_k(&scores.get(b as i64), k))));
-                }
-            }
-        }
-        if let Some(v) = cand_vectors {
-            let mut row = 0i64;
-            for (i, w) in works.iter().enumerate() {
-                if let Work::Encode { texts, kind: TextKind::Candidate } = w {
-                    out[i] = Some(Ok(vectors(&v.narrow(0, row, texts.len() as i64))));
-                    row += texts.len() as i64;
-                }
-            }
-        }
-        metrics::histogram!(m::STAGE_SECONDS, "stage" => "score").record(score_start.elapsed().as_secs_f64());
-        out.into_iter().map(|o| o.unwrap_or_else(|| Err(EngineError::Failed("work was not handled".into())))).collect()
-    }
-
-    fn rank_rows(&self, codes: &ContextCodes, cands: &Tensor, k: i64) -> Vec<(i64, f32)> {
-        top_k(&self.ranker.model.score(codes, cands).squeeze_dim(0), k)
-    }
-
-    /// Exact ranking of some pool rows; results carry pool row numbers.
-    fn rank_pool_rows(&self, codes: &ContextCodes, rows: &[i64], k: i64) -> Vec<(i64, f32)> {
-        let idx = Tensor::from_slice(rows).to_device(self.pool_vectors.device());
-        let cands = self.pool_vectors.index_select(0, &idx);
-        let ranked = self.rank_rows(codes, &cands, k);
-        ranked.into_iter().map(|(j, s)| (rows[j as usize], s)).collect()
-    }
-
-    /// The `preselect` pool rows with the best dot product against the masked mean of one
-    /// context's vectors.
-    fn preselect(&self, codes: &ContextCodes, preselect: i64) -> Vec<i64> {
-        let kind = codes.y.kind();
-        let mask = codes.mask.to_kind(kind).unsqueeze(-1); // [1, m, 1]
-        let mean = (&codes.y * &mask).sum_dim_intlist(1, false, kind) / mask.sum(kind).clamp_min(1.0); // [1, d]
-        let pool = &self.pool_vectors;
-        let pre = pool.matmul(&mean.to_kind(pool.kind()).transpose(0, 1)).squeeze_dim(-1); // [N]
-        let (_, idx) = pre.topk(preselect.min(pool.size()[0]), -1, true, false);
-        Vec::try_from(idx.to_device(tch::Device::Cpu)).unwrap_or_default()
     }
 
     /// The pool's vectors from the cache when it is whole and matches, else encoded now (in
@@ -415,6 +377,7 @@ impl Engine {
         let mut parts = Vec::new();
         let mut last_log = Instant::now();
         for start in (0..pool.len()).step_by(chunk) {
+            anyhow::ensure!(!self.status.stopping(), "stopped while encoding the pool");
             let texts = &pool.texts[start..(start + chunk).min(pool.len())];
             let enc = self.ranker.tokenize(texts, TextKind::Candidate).map_err(anyhow::Error::msg)?;
             parts.push(self.ranker.candidate_vectors(&enc, self.config.encode_batch_size));
@@ -439,9 +402,19 @@ impl Engine {
     }
 }
 
-fn vectors(t: &Tensor) -> Output {
-    let t = t.to_device(tch::Device::Cpu).to_kind(Kind::Float).contiguous();
-    let shape = t.size().iter().map(|&s| s as usize).collect();
-    let data = Vec::<f32>::try_from(t.view([-1])).unwrap_or_default();
-    Output::Vectors { shape, data }
+/// Runs `f`, turning a panic (tch turns libtorch exceptions into panics) into a failed
+/// answer for each of the `n` jobs: one bad batch must not take the thread.
+fn guarded(f: impl FnOnce() -> Vec<Step>, n: usize) -> Vec<Step> {
+    std::panic::catch_unwind(std::panic::AssertUnwindSafe(f)).unwrap_or_else(|p| {
+        let msg = panic_message(p);
+        tracing::error!("batch failed: {msg}");
+        (0..n).map(|_| Step::Done(Err(EngineError::Failed(msg.clone())))).collect()
+    })
+}
+
+fn panic_message(p: Box<dyn std::any::Any + Send>) -> String {
+    p.downcast_ref::<String>()
+        .cloned()
+        .or_else(|| p.downcast_ref::<&str>().map(|s| s.to_string()))
+        .unwrap_or_else(|| "panic in libtorch".into())
 }

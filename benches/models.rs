@@ -1,0 +1,56 @@
+//! `cargo bench --bench models -- --models DIR,DIR,… [--sizes 10000,100000] [--seconds 5]`:
+//! what a model's shape costs when served: /rank p50 / p95 (1 client, back to back, after a
+//! warm-up) over pools of random unit vectors written straight into the cache format, for each
+//! model on the same machine in the same run. Weights do not change the cost, m and d do; this
+//! is the latency column of the README's quality table.
+
+#[path = "../tests/common/server.rs"]
+#[allow(dead_code)]
+mod server;
+mod common;
+
+use common::{load, root, synthetic_pool};
+use polyrank::model::bert::BertConfig;
+use polyrank::model::settings::{Mode, PolySettings};
+use serde_json::json;
+use server::{Server, Setup};
+use std::path::PathBuf;
+
+const CONTEXTS: &[&str] = &[
+    "what is your favourite food?",
+    "i just got back from a trip to paris, have you ever been?",
+    "do you have any pets at home?",
+    "what kind of music do you listen to when you work?",
+];
+
+fn main() {
+    let args: Vec<String> = std::env::args().collect();
+    let get = |k: &str| args.iter().position(|a| a == k).and_then(|i| args.get(i + 1)).cloned();
+    let models: Vec<PathBuf> = get("--models")
+        .map(|s| s.split(',').map(|m| root().join(m)).collect())
+        .unwrap_or_else(|| vec![root().join("models/minilm-bi"), root().join("models/default")]);
+    let sizes: Vec<usize> = get("--sizes").map(|s| s.split(',').map(|x| x.parse().expect("--sizes")).collect()).unwrap_or(vec![10_000, 100_000]);
+    let seconds: f64 = get("--seconds").map(|s| s.parse().expect("--seconds")).unwrap_or(5.0);
+    let mut md = String::from("| model | m | N | /rank p50 ms | p95 ms | requests |\n|---|---|---|---|---|---|\n");
+    for model in &models {
+        let settings = PolySettings::load(model).unwrap();
+        let d = BertConfig::load(model).unwrap().hidden_size;
+        let m = if settings.mode == Mode::Bi { 1 } else { settings.n_codes };
+        for &n in &sizes {
+            let dir = tempfile::tempdir().unwrap();
+            let (pool, _, _) = synthetic_pool(dir.path(), model, n, d);
+            let s = Server::start(&Setup::new(model, &pool, &dir.path().join("cache")));
+            s.wait_ready();
+            let url = s.url("/rank");
+            let body = |i: usize| json!({"context": CONTEXTS[i % CONTEXTS.len()], "top_k": 10});
+            load(&url, 1, 1.0, body); // warm-up
+            let r = load(&url, 1, seconds, body);
+            assert_eq!(r.errors, 0, "{} at N = {n}: {} failed requests", model.display(), r.errors);
+            let name = model.strip_prefix(root()).unwrap_or(model).display();
+            let line = format!("| {name} | {m} | {n} | {:.1} | {:.1} | {} |\n", r.p50_ms, r.p95_ms, r.requests);
+            eprint!("{line}");
+            md += &line;
+        }
+    }
+    println!("\n{md}");
+}

@@ -1,0 +1,143 @@
+//! One batch of work on the inference thread: every context in one encoder pass, every small
+//! candidate-side encode (inline candidates of all requests, /encode candidates) in one
+//! deduplicated pass, every pool ranking in one scoring call. Work whose texts exceed a chunk
+//! leaves the batch as chunked work.
+
+use super::chunked::{Chunked, Then, CHUNK_TOKENS};
+use super::{Engine, EngineError, Output, Step, Target, Work};
+use crate::metrics as m;
+use crate::model::scoring::{top_k, ContextCodes};
+use crate::tokenizer::TextKind;
+use std::collections::HashMap;
+use std::time::Instant;
+use tch::{Kind, Tensor};
+use tokenizers::Encoding;
+
+fn tokens(texts: &[Encoding]) -> usize {
+    texts.iter().map(|e| e.get_ids().len()).sum()
+}
+
+/// Texts that tokenize alike get one row: the same ids give the same vector.
+#[derive(Default)]
+struct Distinct {
+    rows: HashMap<Vec<u32>, i64>,
+    texts: Vec<Encoding>,
+}
+
+impl Distinct {
+    fn add(&mut self, texts: &[Encoding]) -> Vec<i64> {
+        texts
+            .iter()
+            .map(|e| {
+                *self.rows.entry(e.get_ids().to_vec()).or_insert_with(|| {
+                    self.texts.push(e.clone());
+                    self.texts.len() as i64 - 1
+                })
+            })
+            .collect()
+    }
+}
+
+impl Engine {
+    pub(super) fn run_batch(&self, works: &[&Work]) -> Vec<Step> {
+        let mut out: Vec<Option<Step>> = works.iter().map(|_| None).collect();
+        let start = Instant::now();
+        let bs = self.config.max_batch_size.max(1);
+        let small = |texts: &[Encoding]| tokens(texts) <= CHUNK_TOKENS;
+
+        // Contexts: rank requests and small context encodes share one encoder pass.
+        let mut ctx_encodings: Vec<Encoding> = Vec::new();
+        let mut ctx_row: Vec<Option<(i64, i64)>> = vec![None; works.len()]; // (first row, rows)
+        // Candidate-side texts of small jobs, deduplicated across the batch.
+        let mut distinct = Distinct::default();
+        let mut cand_rows: Vec<Option<Vec<i64>>> = vec![None; works.len()];
+        for (i, w) in works.iter().enumerate() {
+            match w {
+                Work::Rank { context, target, .. } => {
+                    ctx_row[i] = Some((ctx_encodings.len() as i64, 1));
+                    ctx_encodings.push(context.clone());
+                    if let Target::Inline(texts) = target {
+                        if small(texts) {
+                            cand_rows[i] = Some(distinct.add(texts));
+                        }
+                    }
+                }
+                Work::Encode { texts, kind: TextKind::Context } if small(texts) => {
+                    ctx_row[i] = Some((ctx_encodings.len() as i64, texts.len() as i64));
+                    ctx_encodings.extend(texts.iter().cloned());
+                }
+                Work::Encode { texts, kind: TextKind::Candidate } if small(texts) => cand_rows[i] = Some(distinct.add(texts)),
+                Work::Encode { texts, kind } => out[i] = Some(Step::Chunked(Chunked::new(*kind, texts.clone(), Then::Vectors))),
+            }
+        }
+        let codes = (!ctx_encodings.is_empty()).then(|| self.ranker.context_codes(&ctx_encodings, ctx_encodings.len()));
+        let cand_vectors = (!distinct.texts.is_empty()).then(|| self.ranker.candidate_vectors(&distinct.texts, bs * 8));
+        metrics::histogram!(m::STAGE_SECONDS, "stage" => "inference").record(start.elapsed().as_secs_f64());
+
+        let score_start = Instant::now();
+        let mut pool_rows: Vec<(usize, i64, i64)> = Vec::new(); // (work, codes row, k)
+        for (i, w) in works.iter().enumerate() {
+            if out[i].is_some() {
+                continue;
+            }
+            let rows = |v: &Tensor| v.index_select(0, &Tensor::from_slice(cand_rows[i].as_ref().expect("rows")).to_device(v.device()));
+            let step = match (w, &codes, ctx_row[i]) {
+                (Work::Encode { kind: TextKind::Candidate, .. }, _, _) => Step::Done(Ok(vectors(&rows(cand_vectors.as_ref().expect("candidate pass"))))),
+                (Work::Encode { .. }, Some(codes), Some((row, n))) => Step::Done(Ok(vectors(&codes.y.narrow(0, row, n)))),
+                (Work::Rank { target, top_k, .. }, Some(codes), Some((row, _))) => {
+                    let c = codes.select(row);
+                    match target {
+                        Target::Pool => {
+                            pool_rows.push((i, row, *top_k));
+                            continue;
+                        }
+                        Target::Subset(rows) => Step::Done(Ok(Output::Ranked(self.rank_pool_rows(&c, rows, *top_k)))),
+                        Target::Approximate(preselect) => {
+                            let rows = self.ranker.model.preselect(&c, &self.pool_vectors, *preselect);
+                            Step::Done(Ok(Output::Ranked(self.rank_pool_rows(&c, &rows, *top_k))))
+                        }
+                        Target::Inline(_) if cand_rows[i].is_some() => {
+                            Step::Done(Ok(Output::Ranked(self.rank_rows(&c, &rows(cand_vectors.as_ref().expect("candidate pass")), *top_k))))
+                        }
+                        Target::Inline(texts) => {
+                            let codes = ContextCodes { y: c.y.copy(), mask: c.mask.copy() };
+                            Step::Chunked(Chunked::new(TextKind::Candidate, texts.clone(), Then::Rank { codes, top_k: *top_k }))
+                        }
+                    }
+                }
+                _ => Step::Done(Err(EngineError::Failed("work was not handled".into()))),
+            };
+            out[i] = Some(step);
+        }
+        if let (false, Some(codes)) = (pool_rows.is_empty(), &codes) {
+            // All pool rankings of the batch in one kernel call: [B, m, d] × [N, d].
+            let rows = Tensor::from_slice(&pool_rows.iter().map(|p| p.1).collect::<Vec<_>>()).to_device(codes.y.device());
+            let sub = ContextCodes { y: codes.y.index_select(0, &rows), mask: codes.mask.index_select(0, &rows) };
+            let scores = self.ranker.model.score(&sub, &self.pool_vectors);
+            for (b, &(i, _, k)) in pool_rows.iter().enumerate() {
+                out[i] = Some(Step::Done(Ok(Output::Ranked(top_k(&scores.get(b as i64), k)))));
+            }
+        }
+        metrics::histogram!(m::STAGE_SECONDS, "stage" => "score").record(score_start.elapsed().as_secs_f64());
+        out.into_iter().map(|o| o.unwrap_or_else(|| Step::Done(Err(EngineError::Failed("work was not handled".into()))))).collect()
+    }
+
+    fn rank_rows(&self, codes: &ContextCodes, cands: &Tensor, k: i64) -> Vec<(i64, f32)> {
+        top_k(&self.ranker.model.score(codes, cands).squeeze_dim(0), k)
+    }
+
+    /// Exact ranking of some pool rows; results carry pool row numbers.
+    fn rank_pool_rows(&self, codes: &ContextCodes, rows: &[i64], k: i64) -> Vec<(i64, f32)> {
+        let idx = Tensor::from_slice(rows).to_device(self.pool_vectors.device());
+        let cands = self.pool_vectors.index_select(0, &idx);
+        let ranked = self.rank_rows(codes, &cands, k);
+        ranked.into_iter().map(|(j, s)| (rows[j as usize], s)).collect()
+    }
+}
+
+pub(super) fn vectors(t: &Tensor) -> Output {
+    let t = t.to_device(tch::Device::Cpu).to_kind(Kind::Float).contiguous();
+    let shape = t.size().iter().map(|&s| s as usize).collect();
+    let data = Vec::<f32>::try_from(t.view([-1])).unwrap_or_default();
+    Output::Vectors { shape, data }
+}

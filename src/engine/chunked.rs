@@ -1,0 +1,89 @@
+//! Work too large for one batch: its texts are encoded a chunk (about `CHUNK_TOKENS` tokens)
+//! at a time, one chunk per turn of the inference loop, so other requests' batches run in
+//! between, and the job is dropped between chunks once nobody waits for it.
+
+use super::batch::vectors;
+use super::{EngineError, Job, Output};
+use crate::model::scoring::{top_k, ContextCodes};
+use crate::ranker::Ranker;
+use crate::tokenizer::TextKind;
+use std::time::Instant;
+use tch::Tensor;
+use tokenizers::Encoding;
+
+/// Tokens per chunk: one chunk of 256-token texts takes about 0.2 s on 2 cores, which bounds
+/// both how long other requests wait and how late a cancelled job frees the thread.
+pub(super) const CHUNK_TOKENS: usize = 512;
+
+/// What to do with the vectors once every chunk is encoded.
+pub(super) enum Then {
+    /// Rank them against these context vectors.
+    Rank { codes: ContextCodes, top_k: i64 },
+    /// Return them (/encode).
+    Vectors,
+}
+
+pub(super) struct Chunked {
+    kind: TextKind,
+    texts: Vec<Encoding>,
+    /// Text indices by length, so each chunk pads little.
+    order: Vec<usize>,
+    next: usize,
+    /// Encoded chunks, rows in `order`.
+    parts: Vec<Tensor>,
+    then: Then,
+    job: Option<Job>,
+}
+
+impl Chunked {
+    pub(super) fn new(kind: TextKind, texts: Vec<Encoding>, then: Then) -> Self {
+        let mut order: Vec<usize> = (0..texts.len()).collect();
+        order.sort_by_key(|&i| texts[i].get_ids().len());
+        Chunked { kind, texts, order, next: 0, parts: Vec::new(), then, job: None }
+    }
+
+    pub(super) fn with_job(mut self, job: Job) -> Self {
+        self.job = Some(job);
+        self
+    }
+
+    pub(super) fn alive(&self, now: Instant) -> bool {
+        self.job.as_ref().is_some_and(|j| j.alive(now))
+    }
+
+    pub(super) fn answer(mut self, out: Result<Output, EngineError>) {
+        if let Some(j) = self.job.take() {
+            let _ = j.reply.send(out);
+        }
+    }
+
+    /// Encodes the next chunk; the job's output once the last one is done.
+    pub(super) fn advance(&mut self, ranker: &Ranker, batch_size: usize) -> Option<Output> {
+        let mut end = self.next;
+        let mut tokens = 0;
+        while end < self.order.len() && (end == self.next || tokens + self.texts[self.order[end]].get_ids().len() <= CHUNK_TOKENS) {
+            tokens += self.texts[self.order[end]].get_ids().len();
+            end += 1;
+        }
+        let chunk: Vec<Encoding> = self.order[self.next..end].iter().map(|&i| self.texts[i].clone()).collect();
+        self.parts.push(match self.kind {
+            TextKind::Candidate => ranker.candidate_vectors(&chunk, batch_size),
+            TextKind::Context => ranker.context_codes(&chunk, batch_size).y,
+        });
+        self.next = end;
+        if self.next < self.order.len() {
+            return None;
+        }
+        // Undo the length order: text order[k] is row k.
+        let mut inverse = vec![0i64; self.order.len()];
+        for (k, &i) in self.order.iter().enumerate() {
+            inverse[i] = k as i64;
+        }
+        let sorted = Tensor::cat(&self.parts, 0);
+        let v = sorted.index_select(0, &Tensor::from_slice(&inverse).to_device(sorted.device()));
+        Some(match &self.then {
+            Then::Rank { codes, top_k: k } => Output::Ranked(top_k(&ranker.model.score(codes, &v).squeeze_dim(0), *k)),
+            Then::Vectors => vectors(&v),
+        })
+    }
+}

@@ -1,0 +1,254 @@
+//! No request within the limits may stall the service: cost-bounded admission, chunked and
+//! cancellable encoding, inline candidates batched across requests, settings checked at
+//! startup, clean exits, cache-directory hygiene, and quiet probes.
+
+mod common;
+use common::server::{tiny_setup, unsafe_kill, Server, Setup};
+use serde_json::{json, Value};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+/// The real default model over the first 300 candidates of the default pool.
+fn real_setup(dir: &Path) -> Setup {
+    let text = std::fs::read_to_string(common::root().join("data/chitchat-pool.jsonl")).expect("run `make model`");
+    let pool = dir.join("pool.jsonl");
+    std::fs::write(&pool, text.lines().take(300).collect::<Vec<_>>().join("\n")).unwrap();
+    Setup::new(&common::default_model(), &pool, &dir.join("cache"))
+}
+
+/// A text of about `chars` characters in plain English words (about 256 tokens per 1,100).
+fn long_text(seed: usize, chars: usize) -> String {
+    let words = ["the", "weather", "today", "is", "lovely", "and", "we", "walked", "along", "river", "talking", "about", "music"];
+    let mut s = String::new();
+    let mut i = seed;
+    while s.len() < chars {
+        s += words[i % words.len()];
+        s.push(' ');
+        i = i * 7 + 3;
+    }
+    s
+}
+
+fn timed_post(s: &Server, body: &Value) -> (u16, Value, f64) {
+    let t = Instant::now();
+    let (st, v) = s.post("/rank", body);
+    (st, v, t.elapsed().as_secs_f64())
+}
+
+#[test]
+fn the_dearest_admissible_request_does_not_stall_others_and_a_dearer_one_is_refused_at_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = Server::start(&real_setup(dir.path()));
+    s.wait_ready();
+    // 63 candidates truncated at 256 tokens + a short context: just under the 16,384-token
+    // default budget, the most the model can be asked in one request.
+    let dear = json!({"context": "which one is about music?", "candidates": (0..63).map(|i| long_text(i, 1600)).collect::<Vec<_>>(), "top_k": 3});
+    let (st, v, _) = timed_post(&s, &json!({"context": "hi", "top_k": 2}));
+    assert_eq!(st, 200, "{v}");
+    let (dear_result, plain) = std::thread::scope(|scope| {
+        let h = scope.spawn(|| timed_post(&s, &dear));
+        std::thread::sleep(Duration::from_millis(400)); // the dear request is being encoded
+        let plain: Vec<(u16, f64)> = (0..3)
+            .map(|_| {
+                let (st, _, secs) = timed_post(&s, &json!({"context": "hi", "top_k": 2}));
+                (st, secs)
+            })
+            .collect();
+        (h.join().unwrap(), plain)
+    });
+    eprintln!("dear request: {} in {:.2} s; plain requests meanwhile: {plain:?}", dear_result.0, dear_result.2);
+    assert_eq!(dear_result.0, 200, "{}", dear_result.1);
+    assert!(dear_result.2 > 1.0, "the dear request was not dear ({:.2} s): the test measures nothing", dear_result.2);
+    for (st, secs) in plain {
+        assert_eq!(st, 200);
+        assert!(secs < 2.0, "a plain /rank took {secs:.2} s while the dear request ran");
+    }
+
+    // The case: 1,000 candidates of ~2,080 characters (a 2.08 MB body, under the
+    // 2 MiB limit): refused before any tokenizing or encoding, with the cost and the budget.
+    let huge = json!({"context": "hi", "candidates": (0..1000).map(|i| long_text(i, 2080)).collect::<Vec<_>>()});
+    let body = serde_json::to_vec(&huge).unwrap();
+    assert!(body.len() < 2 * 1024 * 1024);
+    let t = Instant::now();
+    let r = s.client.post(s.url("/rank")).header("content-type", "application/json").body(body).send().unwrap();
+    let secs = t.elapsed().as_secs_f64();
+    let status = r.status().as_u16();
+    let v: Value = r.json().unwrap();
+    eprintln!("inadmissible request: {status} in {:.1} ms: {}", secs * 1e3, v["error"]);
+    assert_eq!((status, v["error_type"].as_str()), (422, Some("validation")), "{v}");
+    assert!(v["error"].as_str().unwrap().contains("16384"), "the message names the budget: {v}");
+    assert!(secs < 0.1, "refusing took {secs:.3} s");
+    // Over the budget only once tokenized (long words split into many word pieces, so the
+    // cheap bound lets it through): refused after tokenizing, with the exact cost.
+    let pieces = "antidisestablishmentarianism ".repeat(60);
+    let over = json!({"context": "hi", "candidates": vec![pieces; 64]});
+    let (st, v) = s.post("/rank", &over);
+    assert_eq!(st, 422, "{v}");
+    assert!(v["error"].as_str().unwrap().contains("costs 16387 tokens"), "64 × 256 + [CLS] hi [SEP]: {v}");
+    let (st, v) = s.post("/encode", &json!({"kind": "candidate", "texts": (0..100).map(|i| long_text(i, 1600)).collect::<Vec<_>>()}));
+    assert_eq!(st, 422, "/encode has the same budget: {v}");
+}
+
+#[test]
+fn a_timed_out_request_frees_the_model_and_sigterm_then_exits_cleanly() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = Server::start(&real_setup(dir.path()).arg("--request-timeout-ms", "1000"));
+    s.wait_ready();
+    let dear = json!({"context": "music?", "candidates": (0..63).map(|i| long_text(i, 1600)).collect::<Vec<_>>()});
+    let (st, v, secs) = timed_post(&s, &dear);
+    assert_eq!((st, v["error_type"].as_str()), (503, Some("timeout")), "{v}");
+    // The abandoned work stops at its next chunk: the model is free again at once.
+    let (st, _, after) = timed_post(&s, &json!({"context": "hi", "top_k": 2}));
+    eprintln!("timed out after {secs:.2} s; the next plain /rank took {:.0} ms", after * 1e3);
+    assert_eq!(st, 200);
+    assert!(after < 1.0, "the next request waited {after:.2} s for abandoned work");
+    // Again, and SIGTERM right away: a clean exit, no panic.
+    let (st, _, _) = timed_post(&s, &dear);
+    assert_eq!(st, 503);
+    let logs_before_exit = s.logs();
+    let status = s.terminate();
+    assert_eq!(status.code(), Some(0), "{status}");
+    assert!(!logs_before_exit.contains("panicked"), "{logs_before_exit}");
+}
+
+#[test]
+fn inline_candidates_of_concurrent_requests_share_one_encoder_pass() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = Server::start(&real_setup(dir.path()));
+    s.wait_ready();
+    let body = |i: usize| {
+        json!({"context": format!("what do you do on weekend number {i}?"), "candidates": (0..5).map(|j| format!("reply {j} to request {i}: I like hiking and reading")).collect::<Vec<_>>(), "top_k": 5})
+    };
+    for i in 0..4 {
+        assert_eq!(s.post("/rank", &body(1000 + i)).0, 200); // warm-up
+    }
+    let t = Instant::now();
+    for i in 0..32 {
+        let (st, v) = s.post("/rank", &body(i));
+        assert_eq!(st, 200, "{v}");
+    }
+    let sequential = t.elapsed().as_secs_f64();
+    let t = Instant::now();
+    let (s, body) = (&s, &body);
+    let statuses: Vec<u16> = std::thread::scope(|scope| {
+        let hs: Vec<_> = (0..32).map(|i| scope.spawn(move || s.post("/rank", &body(100 + i)).0)).collect();
+        hs.into_iter().map(|h| h.join().unwrap()).collect()
+    });
+    let concurrent = t.elapsed().as_secs_f64();
+    eprintln!("32 requests × 5 inline candidates: one after another {sequential:.2} s, concurrently {concurrent:.2} s ({:.2}×)", sequential / concurrent);
+    assert_eq!(statuses, vec![200; 32]);
+    assert!(sequential / concurrent >= 1.5, "concurrent {concurrent:.2} s vs sequential {sequential:.2} s");
+    // The encoding is booked under inference, not score.
+    let inference = s.metric("polyrank_stage_duration_seconds_sum{stage=\"inference\"}").unwrap();
+    let score = s.metric("polyrank_stage_duration_seconds_sum{stage=\"score\"}").unwrap();
+    assert!(inference > 5.0 * score, "inference {inference} s vs score {score} s");
+}
+
+fn polyrank(args: &[&str], setup: &Setup) -> (Option<i32>, String) {
+    let out = Command::new(env!("CARGO_BIN_EXE_polyrank"))
+        .current_dir(common::root())
+        .arg("serve")
+        .args(["--host", "127.0.0.1", "--model-dir", setup.model.to_str().unwrap(), "--candidates", setup.pool.to_str().unwrap(), "--cache-dir", setup.cache.to_str().unwrap()])
+        .args(args)
+        .env_remove("POLYRANK_API_KEY")
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    (out.status.code(), String::from_utf8_lossy(&out.stderr).into_owned())
+}
+
+#[test]
+fn bad_settings_fail_the_start_with_a_message() {
+    let dir = tempfile::tempdir().unwrap();
+    let setup = tiny_setup(dir.path(), 50, 3);
+    let cases: &[(&[&str], &str)] = &[
+        (&["--threads", "100000"], "threads = 100000"),
+        (&["--threads", "64"], "per core"),
+        (&["--max-batch-tokens", "0"], "max_batch_tokens must be at least 1"),
+        (&["--request-timeout-ms", "0"], "request_timeout_ms must be at least 1"),
+        (&["--body-limit-bytes", "0"], "body_limit_bytes must be at least 1"),
+        (&["--max-text-chars", "0"], "max_text_chars must be at least 1"),
+        (&["--max-request-tokens", "10"], "max_request_tokens = 10"),
+        (&["--device", "cuda:7"], "device `cuda:7`: this host has"),
+        (&["--device", "tpu"], "expected cpu, cuda or cuda:N"),
+    ];
+    for (args, message) in cases {
+        let (code, stderr) = polyrank(&[&["--port", "0"], *args].concat(), &setup);
+        assert_eq!(code, Some(1), "{args:?} must fail the start with exit 1:\n{stderr}");
+        assert!(stderr.contains(message), "{args:?}: expected `{message}` in:\n{stderr}");
+        assert!(!stderr.contains("panicked"), "{args:?}:\n{stderr}");
+    }
+}
+
+#[test]
+fn a_start_that_fails_during_pool_encoding_exits_1_every_time() {
+    let dir = tempfile::tempdir().unwrap();
+    // A pool big enough that its encoding is under way when the bind fails.
+    let setup = tiny_setup(dir.path(), 40_000, 4);
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = taken.local_addr().unwrap().port().to_string();
+    for attempt in 0..10 {
+        let t = Instant::now();
+        let (code, stderr) = polyrank(&["--port", &port], &setup);
+        assert_eq!(code, Some(1), "attempt {attempt}: not exit 1 (a signal gives None):\n{stderr}");
+        assert!(stderr.contains("binding 127.0.0.1:") && stderr.contains(&port), "attempt {attempt}:\n{stderr}");
+        assert!(!stderr.contains("panicked"), "attempt {attempt}:\n{stderr}");
+        assert!(!stderr.contains("pool encoded"), "attempt {attempt}: the pool finished first, the case was not exercised");
+        assert!(t.elapsed() < Duration::from_secs(20));
+    }
+    drop(taken);
+}
+
+fn files(dir: &Path, pred: impl Fn(&str) -> bool) -> Vec<PathBuf> {
+    std::fs::read_dir(dir).unwrap().flatten().map(|e| e.path()).filter(|p| pred(&p.file_name().unwrap().to_string_lossy())).collect()
+}
+
+#[test]
+fn stale_temp_files_and_superseded_caches_are_removed() {
+    let dir = tempfile::tempdir().unwrap();
+    let setup = tiny_setup(dir.path(), 200, 5);
+    std::fs::create_dir_all(&setup.cache).unwrap();
+    // A temp file left by a writer that is gone (a pid that cannot be running) and one of
+    // this test process (alive): only the first is removed.
+    let dead = setup.cache.join("abc.pool.tmp.4000000000");
+    let alive = setup.cache.join(format!("def.pool.tmp.{}", std::process::id()));
+    std::fs::write(&dead, b"partial").unwrap();
+    std::fs::write(&alive, b"partial").unwrap();
+    // Four pools in turn with cache_keep = 2: the current file and the newest other remain.
+    let mut seen = Vec::new();
+    for n in 0..4 {
+        let pool = dir.path().join(format!("pool{n}.jsonl"));
+        common::server::write_pool(&pool, 100 + n);
+        let s = Server::start(&Setup { pool, ..setup.clone() }.arg("--cache-keep", "2"));
+        s.wait_ready();
+        let current = files(&setup.cache, |n| n.ends_with(".pool"));
+        seen.push(current.clone());
+        drop(s);
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert!(!dead.exists(), "the dead writer's temp file is still there");
+    assert!(alive.exists(), "a live writer's temp file was removed");
+    let last = files(&setup.cache, |n| n.ends_with(".pool"));
+    assert_eq!(last.len(), 2, "{last:?} (history {seen:?})");
+}
+
+#[test]
+fn probes_do_not_log_errors_and_duplicate_ids_are_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let setup = tiny_setup(dir.path(), 30_000, 6);
+    let s = Server::start(&setup.clone().env("POLYRANK_TEST_SLOW_CACHE_WRITE_MS", "1500"));
+    let mut loading = 0;
+    while s.get("/health/ready").0 == 503 {
+        loading += 1;
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert!(loading >= 5, "readiness was 503 only {loading} times: the case was not exercised");
+    let logs = s.logs();
+    assert!(!logs.lines().any(|l| l.contains("ERROR")), "{loading} readiness polls during startup logged errors:\n{logs}");
+    let (st, v) = s.post("/rank", &json!({"context": "hi", "ids": ["c1", "c2", "c1"]}));
+    assert_eq!((st, v["error_type"].as_str()), (422, Some("validation")), "{v}");
+    assert!(v["error"].as_str().unwrap().contains("\"c1\""), "{v}");
+    common::contract::Contract::load().check("/rank", "post", 422, "application/json", &v);
+    let _ = unsafe_kill;
+}
