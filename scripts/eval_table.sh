@@ -1,10 +1,17 @@
 #!/usr/bin/env bash
-# Prints the README's held-out table: R@1/20 and MRR of each model on the chitchat test split
-# (whole dialogues never used in training) and on Synthetic-Persona-Chat (ConvAI2 format).
-# The four models share the MiniLM encoder, so each data set is encoded once.
+# Prints the README's quality table: R@1/20 and MRR (± standard errors) of each model on the
+# chitchat test split and the Synthetic-Persona-Chat test split (conversations never used in
+# training or in choosing the recipe). Needs `make data`, and `make finetuned` for the
+# fine-tuned rows (runs/). Models that share an encoder share one encoding pass.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-models=(models/minilm-bi models/poly-untrained-m64 models/poly-m16 models/poly-m64)
+# Zero-shot bi-encoder, head-only heads (the previous default = poly-m64), the fine-tuned bi and
+# m = 16 runs, and the default (the fine-tuned m = 64 run, fp16 weights).
+models=(models/minilm-bi models/poly-m16 models/poly-m64)
+for m in runs/ft-bi runs/ft-poly-m16; do
+  if [ -f "$m/train_state.json" ]; then models+=("$m"); fi
+done
+models+=(models/default)
 bin=./target/release/polyrank
 for data in data/dialogues/chitchat-test20.jsonl data/dialogues/spc-test20.txt; do
   [ -f "$data" ] || continue

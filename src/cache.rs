@@ -82,7 +82,7 @@ impl PoolCache {
         }
         let crc = crc32fast::hash(&body);
         body.extend_from_slice(&crc.to_le_bytes());
-        let tmp = self.path.with_extension(format!("pool.tmp.{}", std::process::id()));
+        let tmp = self.path.with_extension(format!("pool.tmp.{}.{}", host(), std::process::id()));
         {
             let mut f = std::fs::File::create(&tmp).with_context(|| format!("creating {}", tmp.display()))?;
             write_slowly_if_asked(&mut f, &body)?;
@@ -94,9 +94,9 @@ impl PoolCache {
     }
 }
 
-/// A temp file of an interrupted write is removed when the process that wrote it is gone from
-/// this host, or when nobody has written to it for this long (a writer on another host that
-/// shares the volume).
+/// A temp file (`<key>.pool.tmp.<host>.<pid>`) of an interrupted write is removed when it is
+/// this host's and its process is gone, or when nobody has written to it for this long (a
+/// writer on another host that shares the volume).
 const STALE_TEMP: std::time::Duration = std::time::Duration::from_secs(600);
 
 impl PoolCache {
@@ -109,8 +109,11 @@ impl PoolCache {
         for e in entries.flatten() {
             let (path, name) = (e.path(), e.file_name().to_string_lossy().into_owned());
             let modified = e.metadata().and_then(|m| m.modified()).unwrap_or(std::time::UNIX_EPOCH);
-            if let Some((_, pid)) = name.split_once(".pool.tmp.") {
-                let writer_gone = pid.parse::<u32>().is_ok_and(|p| p != std::process::id() && !Path::new(&format!("/proc/{p}")).exists());
+            if let Some((_, writer)) = name.split_once(".pool.tmp.") {
+                // `<host>.<pid>`: a pid is only checked against this host's processes.
+                let writer_gone = writer.rsplit_once('.').is_some_and(|(h, pid)| {
+                    h == host() && pid.parse::<u32>().is_ok_and(|p| p != std::process::id() && !Path::new(&format!("/proc/{p}")).exists())
+                });
                 let idle = modified.elapsed().is_ok_and(|d| d > STALE_TEMP);
                 if writer_gone || idle {
                     remove(&path, "temp file of an interrupted cache write");
@@ -124,6 +127,12 @@ impl PoolCache {
             remove(&path, "superseded pool cache file");
         }
     }
+}
+
+/// This host's name, in temp file names so that hosts sharing a cache volume tell their own
+/// interrupted writes from another host's live ones.
+fn host() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname").map(|h| h.trim().replace(['/', '.'], "_")).unwrap_or_else(|_| "host".into())
 }
 
 fn remove(path: &Path, what: &str) {

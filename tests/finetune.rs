@@ -160,6 +160,11 @@ fn fine_tuning_learns_checkpoints_load_and_resume_is_exact() {
         assert!(d < 1e-6, "{file}: resumed run differs from the straight run by {d}");
     }
     assert_eq!(resumed.history.last().unwrap().valid.unwrap().r_at_1, after);
+    // Resuming with other settings would silently change the batches or the schedule.
+    let mut f = flags(&split);
+    f.extend(["--resume", "--weight-decay", "0.1"].map(String::from));
+    let err = train(TrainArgs::from_flags(&f).unwrap()).unwrap_err().to_string();
+    assert!(err.contains("other settings"), "{err}");
 }
 
 #[test]

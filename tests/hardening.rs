@@ -103,13 +103,28 @@ fn a_timed_out_request_frees_the_model_and_sigterm_then_exits_cleanly() {
     eprintln!("timed out after {secs:.2} s; the next plain /rank took {:.0} ms", after * 1e3);
     assert_eq!(st, 200);
     assert!(after < 1.0, "the next request waited {after:.2} s for abandoned work");
-    // Again, and SIGTERM right away: a clean exit, no panic.
-    let (st, _, _) = timed_post(&s, &dear);
+    // Now the encoding rate is known: the same request cannot finish inside its second, so
+    // it is refused at once (429, retry later) instead of being queued to time out.
+    let (st, v, secs) = timed_post(&s, &dear);
+    assert_eq!((st, v["error_type"].as_str()), (429, Some("overloaded")), "{v}");
+    assert!(secs < 0.5, "refused after {secs:.2} s");
+    drop(s);
+
+    // SIGTERM while the inference thread works on a request past its deadline: the drain
+    // ends with the 503, the thread stops at its next chunk, the process exits 0, no panic.
+    let s = Server::start(&real_setup(dir.path()).arg("--request-timeout-ms", "1000"));
+    s.wait_ready();
+    let pid = s.child.id() as i32;
+    let st = std::thread::scope(|scope| {
+        let h = scope.spawn(|| timed_post(&s, &dear).0);
+        std::thread::sleep(Duration::from_millis(400));
+        unsafe_kill(pid, "TERM");
+        h.join().unwrap()
+    });
     assert_eq!(st, 503);
-    let logs_before_exit = s.logs();
-    let status = s.terminate();
-    assert_eq!(status.code(), Some(0), "{status}");
-    assert!(!logs_before_exit.contains("panicked"), "{logs_before_exit}");
+    let (status, logs) = s.terminate_with_logs();
+    assert_eq!(status.code(), Some(0), "{status}\n{logs}");
+    assert!(!logs.contains("panicked") && logs.contains("stopped"), "{logs}");
 }
 
 #[test]
@@ -211,8 +226,12 @@ fn stale_temp_files_and_superseded_caches_are_removed() {
     std::fs::create_dir_all(&setup.cache).unwrap();
     // A temp file left by a writer that is gone (a pid that cannot be running) and one of
     // this test process (alive): only the first is removed.
-    let dead = setup.cache.join("abc.pool.tmp.4000000000");
-    let alive = setup.cache.join(format!("def.pool.tmp.{}", std::process::id()));
+    let host = std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap().trim().replace(['/', '.'], "_");
+    let dead = setup.cache.join(format!("abc.pool.tmp.{host}.4000000000"));
+    let alive = setup.cache.join(format!("def.pool.tmp.{host}.{}", std::process::id()));
+    // Another host's write in progress (its pid means nothing here): kept.
+    let other_host = setup.cache.join("ghi.pool.tmp.otherhost.4000000000");
+    std::fs::write(&other_host, b"partial").unwrap();
     std::fs::write(&dead, b"partial").unwrap();
     std::fs::write(&alive, b"partial").unwrap();
     // Four pools in turn with cache_keep = 2: the current file and the newest other remain.
@@ -229,6 +248,7 @@ fn stale_temp_files_and_superseded_caches_are_removed() {
     }
     assert!(!dead.exists(), "the dead writer's temp file is still there");
     assert!(alive.exists(), "a live writer's temp file was removed");
+    assert!(other_host.exists(), "another host's recent temp file was removed");
     let last = files(&setup.cache, |n| n.ends_with(".pool"));
     assert_eq!(last.len(), 2, "{last:?} (history {seen:?})");
 }
@@ -250,5 +270,4 @@ fn probes_do_not_log_errors_and_duplicate_ids_are_refused() {
     assert_eq!((st, v["error_type"].as_str()), (422, Some("validation")), "{v}");
     assert!(v["error"].as_str().unwrap().contains("\"c1\""), "{v}");
     common::contract::Contract::load().check("/rank", "post", 422, "application/json", &v);
-    let _ = unsafe_kill;
 }

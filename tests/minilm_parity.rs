@@ -37,7 +37,7 @@ fn parity_texts() -> Vec<String> {
 #[test]
 fn candidate_vectors_match_sentence_transformers() {
     let _g = tch::no_grad_guard();
-    let model = common::default_model();
+    let model = common::minilm();
     let texts = parity_texts();
     assert!(texts.len() >= 50);
     let dir = tempfile::tempdir().unwrap();
@@ -104,6 +104,5 @@ fn relevant_reply_outranks_unrelated_ones_default_model() {
 
 #[test]
 fn relevant_reply_outranks_unrelated_ones_bi_encoder() {
-    let dir = tempfile::tempdir().unwrap();
-    assert_relevant_wins(&common::bi_encoder(&dir.path().join("bi")));
+    assert_relevant_wins(&common::minilm());
 }

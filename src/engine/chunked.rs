@@ -47,6 +47,11 @@ impl Chunked {
         self
     }
 
+    /// Tokens still to encode.
+    pub(super) fn remaining_tokens(&self) -> usize {
+        self.order[self.next..].iter().map(|&i| self.texts[i].get_ids().len()).sum()
+    }
+
     pub(super) fn alive(&self, now: Instant) -> bool {
         self.job.as_ref().is_some_and(|j| j.alive(now))
     }

@@ -56,6 +56,9 @@ pub enum Output {
 pub enum EngineError {
     #[error("the request's time budget ran out while it waited for the model")]
     Timeout,
+    /// Too much large work already waits for this one to finish inside its deadline.
+    #[error("too much large work is waiting")]
+    Overloaded,
     #[error("inference failed: {0}")]
     Failed(String),
 }
@@ -163,14 +166,21 @@ impl EngineHandle {
 /// the process must not exit while libtorch runs on it (that ends in a crash, not an exit
 /// code).
 pub struct Inference {
-    thread: std::thread::JoinHandle<()>,
+    thread: Option<std::thread::JoinHandle<()>>,
     status: Arc<Status>,
 }
 
 impl Inference {
     pub fn shutdown(self) {
+        drop(self)
+    }
+}
+
+/// Also on early error paths (`?` after `start`): never leave the thread running.
+impl Drop for Inference {
+    fn drop(&mut self) {
         self.status.stopping.store(true, Ordering::Release);
-        if self.thread.join().is_err() {
+        if self.thread.take().is_some_and(|t| t.join().is_err()) {
             tracing::error!("the inference thread panicked");
         }
     }
@@ -221,10 +231,10 @@ pub fn start(
             })
             .ok();
         let _ = loaded_tx.send(Ok(()));
-        Engine { ranker, config, status: thread_status, pool_vectors: Tensor::new() }.run(rx, &pool, &cache)
+        Engine { ranker, config, status: thread_status, pool_vectors: Tensor::new(), chunk_rate: Default::default() }.run(rx, &pool, &cache)
     })?;
     loaded_rx.recv().context("the inference thread ended during the model load")??;
-    Ok((EngineHandle { tx, status: status.clone() }, Inference { thread, status }))
+    Ok((EngineHandle { tx, status: status.clone() }, Inference { thread: Some(thread), status }))
 }
 
 pub fn num_cpus() -> usize {
@@ -237,6 +247,8 @@ struct Engine {
     status: Arc<Status>,
     /// `[N, d]` on the model's device.
     pool_vectors: Tensor,
+    /// Measured tokens per second of chunked encoding (0 until the first chunk).
+    chunk_rate: std::cell::Cell<f64>,
 }
 
 impl Engine {
@@ -260,6 +272,17 @@ impl Engine {
         }
         let mut carry: Option<Job> = None;
         let mut pending: VecDeque<chunked::Chunked> = VecDeque::new();
+        self.serve(&rx, &mut carry, &mut pending);
+        // Stopping: whoever still waits gets an answer rather than a dropped channel.
+        for c in pending {
+            c.answer(Err(EngineError::Failed("the server is shutting down".into())));
+        }
+        if let Some(j) = carry {
+            let _ = j.reply.send(Err(EngineError::Failed("the server is shutting down".into())));
+        }
+    }
+
+    fn serve(&self, rx: &Receiver<Job>, carry: &mut Option<Job>, pending: &mut VecDeque<chunked::Chunked>) {
         while !self.status.stopping() {
             let first = match carry.take() {
                 Some(j) => Some(j),
@@ -277,10 +300,10 @@ impl Engine {
                 },
             };
             if let Some(first) = first {
-                let batch = self.collect(first, &rx, &mut carry);
-                self.process(batch, &mut pending);
+                let batch = self.collect(first, rx, carry);
+                self.process(batch, pending);
             }
-            self.advance_one(&mut pending);
+            self.advance_one(pending);
         }
     }
 
@@ -329,13 +352,30 @@ impl Engine {
                 Step::Done(out) => {
                     let _ = j.reply.send(out);
                 }
+                // Large work that cannot finish inside its deadline behind what already waits
+                // is refused (429, retry later) rather than queued to time out.
+                Step::Chunked(state) if !self.can_finish(pending, &state, j.deadline) => {
+                    let _ = j.reply.send(Err(EngineError::Overloaded));
+                }
                 Step::Chunked(state) => pending.push_back(state.with_job(j)),
             }
         }
     }
 
-    /// One chunk of the first chunked job still wanted; jobs past their deadline or whose
-    /// client left are dropped here, between chunks, so they free the thread at once.
+    /// Whether `new`, queued behind `pending` (first in, first finished), would be done by
+    /// `deadline` at the encoding rate measured so far (unknown at first: then yes).
+    fn can_finish(&self, pending: &VecDeque<chunked::Chunked>, new: &chunked::Chunked, deadline: Instant) -> bool {
+        let rate = self.chunk_rate.get();
+        if rate <= 0.0 {
+            return true;
+        }
+        let tokens = pending.iter().map(|c| c.remaining_tokens()).sum::<usize>() + new.remaining_tokens();
+        Instant::now() + Duration::from_secs_f64(tokens as f64 / rate) <= deadline
+    }
+
+    /// One chunk of the oldest chunked job still wanted (first in, first finished: jobs
+    /// complete in turn instead of all slowing down together); jobs past their deadline or
+    /// whose client left are dropped here, between chunks, so they free the thread at once.
     fn advance_one(&self, pending: &mut VecDeque<chunked::Chunked>) {
         while let Some(mut c) = pending.pop_front() {
             if !c.alive(Instant::now()) {
@@ -343,12 +383,16 @@ impl Engine {
                 continue;
             }
             let start = Instant::now();
-            let bs = self.config.encode_batch_size;
+            let (bs, before) = (self.config.encode_batch_size, c.remaining_tokens());
             let step = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| c.advance(&self.ranker, bs)));
-            metrics::histogram!(m::STAGE_SECONDS, "stage" => "inference").record(start.elapsed().as_secs_f64());
+            let secs = start.elapsed().as_secs_f64();
+            metrics::histogram!(m::STAGE_SECONDS, "stage" => "inference").record(secs);
+            // Tokens per second of chunked encoding, smoothed: what admission plans with.
+            let rate = (before - c.remaining_tokens()) as f64 / secs.max(1e-6);
+            let old = self.chunk_rate.get();
+            self.chunk_rate.set(if old > 0.0 { 0.8 * old + 0.2 * rate } else { rate });
             match step {
-                // Round robin: several chunked jobs share the thread.
-                Ok(None) => pending.push_back(c),
+                Ok(None) => pending.push_front(c),
                 Ok(Some(out)) => c.answer(Ok(out)),
                 Err(p) => c.answer(Err(EngineError::Failed(panic_message(p)))),
             }

@@ -105,10 +105,11 @@ pub fn check_texts(what: &str, texts: &[String], max_items: usize, max_chars: us
 }
 
 /// Cheap bounds, before tokenizing, on the tokens a text costs once truncated to `max`: every
-/// whitespace-separated word with a letter or digit yields at least one token, and no token
+/// whitespace-separated word with an ASCII letter or digit yields at least one token (no
+/// normaliser removes those; other scripts' letters or marks might be stripped), and no token
 /// is shorter than one character; 2 for [CLS] and [SEP].
 fn token_bounds(text: &str, max: usize) -> (usize, usize) {
-    let words = text.split_whitespace().filter(|w| w.chars().any(char::is_alphanumeric)).count();
+    let words = text.split_whitespace().filter(|w| w.bytes().any(|b| b.is_ascii_alphanumeric())).count();
     ((words + 2).min(max), (text.chars().count() + 2).min(max))
 }
 
@@ -175,6 +176,10 @@ async fn run(state: &AppState, work: Work, started: Instant) -> Result<Output, A
         Err(_) => Err(ApiError::Timeout),
         Ok(Err(_)) => Err(ApiError::Internal("the inference thread dropped the request".into())),
         Ok(Ok(Err(EngineError::Timeout))) => Err(ApiError::Timeout),
+        Ok(Ok(Err(EngineError::Overloaded))) => {
+            metrics::counter!(m::REJECTED).increment(1);
+            Err(ApiError::Overloaded)
+        }
         Ok(Ok(Err(EngineError::Failed(e)))) => Err(ApiError::Internal(e)),
         Ok(Ok(Ok(out))) => Ok(out),
     }

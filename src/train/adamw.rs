@@ -93,17 +93,21 @@ impl AdamW {
         }
     }
 
-    pub fn save(&self, path: &Path) -> Result<()> {
+    /// Writes the moments, the step count and `tag` (the caller's checkpoint step, checked on
+    /// load against the rest of the checkpoint).
+    pub fn save(&self, path: &Path, tag: i64) -> Result<()> {
         let mut named: Vec<(String, Tensor)> = Vec::new();
         for p in &self.params {
             named.push((format!("m/{}/{}", p.group, p.name), p.m.shallow_clone()));
             named.push((format!("v/{}/{}", p.group, p.name), p.v.shallow_clone()));
         }
         named.push(("step".into(), Tensor::from_slice(&[self.step])));
+        named.push(("tag".into(), Tensor::from_slice(&[tag])));
         Tensor::write_safetensors(&named, path).with_context(|| format!("writing {}", path.display()))
     }
 
-    pub fn load(&mut self, path: &Path) -> Result<()> {
+    /// Restores the state; returns the tag it was saved with.
+    pub fn load(&mut self, path: &Path) -> Result<i64> {
         let mut t: HashMap<String, Tensor> = Tensor::read_safetensors(path)
             .with_context(|| format!("reading {}", path.display()))?
             .into_iter()
@@ -119,6 +123,6 @@ impl AdamW {
             }
         }
         self.step = t.remove("step").context("optimizer state has no step")?.int64_value(&[0]);
-        Ok(())
+        Ok(t.remove("tag").context("optimizer state has no tag")?.int64_value(&[0]))
     }
 }

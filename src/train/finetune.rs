@@ -189,9 +189,12 @@ impl Trainer {
         Ok(loss)
     }
 
-    /// A complete model directory in `out` (encoders, head, settings) plus the optimizer
-    /// state; every file through a temp file and a rename.
-    fn save(&self, out: &Path) -> Result<()> {
+    /// A complete model directory in `out` (encoders, head) plus the optimizer state; every
+    /// file through a temp file and a rename. The optimizer file goes first and carries
+    /// `step`: a crash before train_state.json is written leaves a step that disagrees with
+    /// it, which `--resume` detects instead of silently mixing two checkpoints.
+    fn save(&self, out: &Path, step: usize) -> Result<()> {
+        write_atomically(&out.join(OPTIMIZER_FILE), |p| self.opt.save(p, step as i64))?;
         let m = &self.ranker.model;
         let save_vs = |vs: &VarStore, path: &Path| write_atomically(path, |p| Ok(crate::model::weights::save_vars(vs, p)?));
         save_vs(&m.encoder_vs, &out.join(WEIGHTS_FILE))?;
@@ -201,7 +204,7 @@ impl Trainer {
         if !m.head_vs.variables().is_empty() {
             save_vs(&m.head_vs, &out.join(HEAD_FILE))?;
         }
-        write_atomically(&out.join(OPTIMIZER_FILE), |p| self.opt.save(p))
+        Ok(())
     }
 }
 
@@ -209,15 +212,32 @@ pub(super) fn train(a: &TrainArgs) -> Result<TrainState> {
     let settings = prepare_out(a, true)?;
     let mut state = load_state(a)?;
     let mut t = Trainer::new(&a.out, a)?;
-    if a.resume {
-        t.opt.load(&a.out.join(OPTIMIZER_FILE)).context("--resume")?;
-    }
     let mut pairs = load_pairs(&a.data)?;
     if let Some(n) = a.limit {
         pairs.truncate(n);
     }
     let per_epoch = pairs.len().div_ceil(a.batch_size);
     let total = a.max_steps.unwrap_or(a.epochs * per_epoch);
+    // Everything that decides the batches and the updates: a resumed run must match it.
+    let recipe = format!(
+        "seed {} | {} pairs of {} | batch {} | steps {total} | warm-up {} | layers {:?} embeddings {} | lr {} / encoder {} | wd {} | clip {} | scale {} | tokens {:?}/{:?}",
+        a.seed, pairs.len(), a.data.display(), a.batch_size, a.warmup_steps, a.train_layers, a.train_embeddings, a.lr, a.lr_encoder,
+        a.weight_decay, a.clip_norm, a.logit_scale, a.max_context_tokens, a.max_candidate_tokens
+    );
+    if a.resume {
+        if !state.recipe.is_empty() && state.recipe != recipe {
+            anyhow::bail!("--resume with other settings than the checkpoint's:\n  checkpoint: {}\n  now:        {recipe}", state.recipe);
+        }
+        let tag = t.opt.load(&a.out.join(OPTIMIZER_FILE)).context("--resume")?;
+        if tag != state.steps_done as i64 {
+            anyhow::bail!(
+                "{}: the optimizer state is from step {tag} but train_state.json from step {} (a crash while saving): start the run again",
+                a.out.display(),
+                state.steps_done
+            );
+        }
+    }
+    state.recipe = recipe;
     let end = a.stop_after.map_or(total, |n| (state.steps_done + n).min(total));
     let valid_sets = load_valid(a)?;
     let features = |r: &Ranker| -> Result<Vec<Features>> { valid_sets.iter().map(|ex| Features::compute(r, ex, 64, false)).collect() };
@@ -245,19 +265,20 @@ pub(super) fn train(a: &TrainArgs) -> Result<TrainState> {
             order = Some((epoch, Vec::try_from(Tensor::randperm(pairs.len() as i64, (Kind::Int64, Device::Cpu)))?));
         }
         let ids = &order.as_ref().expect("order").1[at * a.batch_size..((at + 1) * a.batch_size).min(pairs.len())];
-        if ids.len() < 2 {
-            continue;
+        // A last batch of one pair has no negative: no update, but the step still counts
+        // (and checkpoints), so a run always reaches its end.
+        if ids.len() >= 2 {
+            let batch: Vec<&Pair> = ids.iter().map(|&i| &pairs[i as usize]).collect();
+            let ts = Instant::now();
+            loss_sum += t.step(&batch, a, schedule(step, a.warmup_steps, total))?;
+            loss_n += 1;
+            let secs = ts.elapsed().as_secs_f64();
+            state.train_seconds += secs;
+            state.pairs_per_second = batch.len() as f64 / secs;
         }
-        let batch: Vec<&Pair> = ids.iter().map(|&i| &pairs[i as usize]).collect();
-        let ts = Instant::now();
-        loss_sum += t.step(&batch, a, schedule(step, a.warmup_steps, total))?;
-        loss_n += 1;
-        let secs = ts.elapsed().as_secs_f64();
-        state.train_seconds += secs;
         state.steps_done = step + 1;
-        state.pairs_per_second = batch.len() as f64 / secs;
         if state.steps_done % 5 == 0 {
-            tracing::info!(step = state.steps_done, of = total, loss = format!("{:.4}", loss_sum / loss_n as f64), pairs_per_s = format!("{:.1}", state.pairs_per_second), "step");
+            tracing::info!(step = state.steps_done, of = total, loss = format!("{:.4}", loss_sum / loss_n.max(1) as f64), pairs_per_s = format!("{:.1}", state.pairs_per_second), "step");
         }
         let last = state.steps_done == end;
         let validate = last || state.steps_done % a.valid_every.max(1) == 0;
@@ -267,7 +288,7 @@ pub(super) fn train(a: &TrainArgs) -> Result<TrainState> {
                 state.history.push(log_entry(state.steps_done, loss_sum / loss_n.max(1) as f64, valid, since.elapsed().as_secs_f64()));
                 (loss_sum, loss_n, since) = (0.0, 0, Instant::now());
             }
-            t.save(&a.out)?;
+            t.save(&a.out, state.steps_done)?;
             save_settings_and_state(&settings, &a.out, &state, &what(&state))?;
         }
     }

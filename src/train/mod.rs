@@ -197,6 +197,9 @@ pub struct TrainState {
     pub train_seconds: f64,
     #[serde(default)]
     pub pairs_per_second: f64,
+    /// Fine-tuning: the settings that decide batches and updates; `--resume` must match.
+    #[serde(default)]
+    pub recipe: String,
 }
 
 const STATE_FILE: &str = "train_state.json";

@@ -4,8 +4,7 @@
 pub mod contract;
 pub mod server;
 
-use polyrank::model::settings::{Mode, PolySettings, SETTINGS_FILE};
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
 pub fn root() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
@@ -26,20 +25,11 @@ pub fn default_model() -> PathBuf {
     dir
 }
 
-/// A copy of the default model's layout (links to its files) with other settings.
-pub fn default_model_with(dir: &Path, edit: impl FnOnce(&mut PolySettings)) -> PathBuf {
-    let src = default_model();
-    std::fs::create_dir_all(dir).unwrap();
-    for name in ["config.json", "model.safetensors", "tokenizer.json", "poly_head.safetensors"] {
-        std::os::unix::fs::symlink(src.join(name).canonicalize().unwrap(), dir.join(name)).unwrap();
-    }
-    let mut s = PolySettings::load(&src).unwrap();
-    edit(&mut s);
-    s.save(dir).unwrap();
-    assert!(dir.join(SETTINGS_FILE).exists());
-    dir.to_path_buf()
+/// The unmodified all-MiniLM-L6-v2 as a bi-encoder (`models/minilm-bi`, laid out by `make
+/// model`): the checkpoint sentence-transformers loads, for parity.
+pub fn minilm() -> PathBuf {
+    let dir = root().join("models/minilm-bi");
+    assert!(dir.join("model.safetensors").exists(), "models/minilm-bi is not prepared: run `make model`");
+    dir
 }
 
-pub fn bi_encoder(dir: &Path) -> PathBuf {
-    default_model_with(dir, |s| s.mode = Mode::Bi)
-}

@@ -125,6 +125,15 @@ impl Server {
             .and_then(|v| v.parse().ok())
     }
 
+    /// SIGTERM, then the exit status and everything the server logged.
+    pub fn terminate_with_logs(self) -> (std::process::ExitStatus, String) {
+        let logs = self.logs.clone();
+        let status = self.terminate();
+        std::thread::sleep(Duration::from_millis(100)); // the reader thread drains stderr
+        let text = logs.lock().unwrap().join("\n");
+        (status, text)
+    }
+
     /// SIGTERM, then the exit status.
     pub fn terminate(mut self) -> std::process::ExitStatus {
         let pid = self.child.id() as i32;
