@@ -52,8 +52,8 @@ heads: build model data
 # pooling at first).
 finetuned: build model data
 	bash scripts/train_finetuned.sh models/minilm-bi runs/ft-poly-m64 5 --n-codes 64 --init-std 0.01
-	bash scripts/train_finetuned.sh models/minilm-bi runs/ft-poly-m16 5 --n-codes 16 --init-std 0.01
 	bash scripts/train_finetuned.sh models/minilm-bi runs/ft-bi 20
+	bash scripts/train_finetuned.sh models/minilm-bi runs/ft-poly-m16 5 --n-codes 16 --init-std 0.01
 
 # Reproduces the default model from scratch: the fine-tuned poly-encoder (m=64), exported
 # with fp16 weights into models/default. Hours on 2 cores: run it in the background,

@@ -16,8 +16,8 @@ mkdir -p "$out"
 ./target/release/polyrank train --base "$base" --out "$out" --logit-scale "$scale" \
   --data data/dialogues/train.jsonl \
   --valid data/dialogues/valid20.jsonl --valid data/dialogues/spc-valid20.txt \
-  --train-layers all --batch-size 256 --chunk-size 64 --grad-cache false \
-  --lr 3e-3 --lr-encoder "${FT_LR_ENCODER:-8e-5}" --warmup-steps 10 --clip-norm 1.0 --weight-decay 0.01 \
+  --train-layers all --separate-encoders --context-negatives --batch-size 256 --chunk-size 64 --grad-cache false \
+  --lr 3e-3 --lr-encoder "${FT_LR_ENCODER:-1e-4}" --warmup-steps 10 --clip-norm 1.0 --weight-decay 0.01 \
   --max-context-tokens 128 --max-candidate-tokens 48 \
-  --max-steps "${FT_STEPS:-160}" --save-every 10 --valid-every 40 --seed 0 \
+  --max-steps "${FT_STEPS:-110}" --save-every 10 --valid-every 55 --seed 0 \
   "${resume[@]}" "$@" 2>&1 | tee -a "$out/train.log"

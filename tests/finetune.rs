@@ -68,9 +68,9 @@ fn gradient_caching_gives_the_full_batch_gradient_and_reaches_the_encoder() {
         let mut t = Trainer::new(&base, &a).unwrap();
         let pairs = toy_pairs(12);
         let refs: Vec<&Pair> = pairs.iter().collect();
-        let direct_loss = t.gradients(&refs, 64, 3.0, false).unwrap();
+        let direct_loss = t.gradients(&refs, 64, 3.0, false, true).unwrap();
         let direct: HashMap<String, Tensor> = t.grads().into_iter().collect();
-        let cached_loss = t.gradients(&refs, 5, 3.0, true).unwrap();
+        let cached_loss = t.gradients(&refs, 5, 3.0, true, true).unwrap();
         let cached: HashMap<String, Tensor> = t.grads().into_iter().collect();
         assert!((direct_loss - cached_loss).abs() < 1e-5, "{direct_loss} vs {cached_loss}");
         assert_eq!(direct.len(), cached.len());
@@ -99,7 +99,7 @@ fn only_the_requested_layers_train() {
     let a = args(&["--base", &s(&base), "--data", "x", "--out", "x", "--train-layers", "1", "--threads", "1"]);
     let mut t = Trainer::new(&base, &a).unwrap();
     let pairs = toy_pairs(6);
-    t.gradients(&pairs.iter().collect::<Vec<_>>(), 64, 1.0, true).unwrap();
+    t.gradients(&pairs.iter().collect::<Vec<_>>(), 64, 1.0, true, false).unwrap();
     let names: Vec<String> = t.grads().into_iter().map(|(k, _)| k).collect();
     assert!(names.iter().any(|k| k.starts_with("0/encoder.layer.1.")), "{names:?}");
     assert!(!names.iter().any(|k| k.starts_with("0/encoder.layer.0.") || k.starts_with("0/embeddings.")), "{names:?}");
@@ -117,7 +117,7 @@ fn fine_tuning_learns_checkpoints_load_and_resume_is_exact() {
     let flags = |out: &Path| -> Vec<String> {
         [
             "--base", &s(&base), "--data", &s(&train_path), "--valid", &s(&valid_path), "--out", &s(out),
-            "--train-layers", "all", "--train-embeddings", "--batch-size", "32", "--chunk-size", "8",
+            "--train-layers", "all", "--train-embeddings", "--context-negatives", "--batch-size", "32", "--chunk-size", "8",
             "--lr", "1e-2", "--lr-encoder", "3e-3", "--warmup-steps", "3", "--logit-scale", "10",
             "--max-steps", "36", "--valid-every", "12", "--save-every", "4", "--seed", "2", "--threads", "1",
         ]
@@ -187,6 +187,22 @@ fn separate_encoders_both_fine_tune_and_load() {
     assert!(d_ctx > 0.0 && d_cand > 0.0, "context encoder moved {d_ctx}, candidate encoder {d_cand}");
     let r = polyrank::ranker::Ranker::load(&out, tch::Device::Cpu).unwrap();
     assert!(!r.model.settings.share_encoders);
+
+    // From a shared base, --separate-encoders gives the candidates their own copy, and both
+    // train apart from there.
+    let shared = dir.path().join("shared");
+    write_tiny_model(&shared, &tiny_settings(4), 8).unwrap();
+    let out = dir.path().join("split");
+    train(args(&[
+        "--base", &s(&shared), "--data", &s(&train_path), "--out", &s(&out), "--train-layers", "all", "--separate-encoders",
+        "--context-negatives", "--batch-size", "16", "--max-steps", "3", "--lr-encoder", "1e-3", "--threads", "1",
+    ]))
+    .unwrap();
+    let r = polyrank::ranker::Ranker::load(&out, tch::Device::Cpu).unwrap();
+    assert!(!r.model.settings.share_encoders);
+    let base_w = tensors(&shared.join(WEIGHTS_FILE));
+    let (ctx_w, cand_w) = (tensors(&out.join(WEIGHTS_FILE)), tensors(&out.join(&cand)));
+    assert!(max_diff(&base_w, &ctx_w) > 0.0 && max_diff(&base_w, &cand_w) > 0.0 && max_diff(&ctx_w, &cand_w) > 0.0);
 }
 
 #[test]

@@ -30,9 +30,15 @@ use tokenizers::Encoding;
 const OPTIMIZER_FILE: &str = "optimizer.safetensors";
 
 /// Mean cross-entropy of `scale · score(codes, cands)` against `target` (the index of each
-/// context's own response among `cands`).
-pub fn in_batch_loss(model: &PolyEncoder, codes: &ContextCodes, cands: &Tensor, target: &Tensor, scale: f64) -> Tensor {
-    (model.score(codes, cands) * scale).cross_entropy_for_logits(target)
+/// context's own response among `cands`); `mask` (added to the logits) removes columns that
+/// are no true negative for a row.
+pub fn in_batch_loss(model: &PolyEncoder, codes: &ContextCodes, cands: &Tensor, target: &Tensor, scale: f64, mask: Option<&Tensor>) -> Tensor {
+    let logits = model.score(codes, cands) * scale;
+    let logits = match mask {
+        Some(m) => logits + m,
+        None => logits,
+    };
+    logits.cross_entropy_for_logits(target)
 }
 
 /// Marks the encoder variables that train (`requires_grad`) and returns them by name.
@@ -57,11 +63,14 @@ fn select_trainable(vs: &VarStore, layers: usize, total: usize, embeddings: bool
 }
 
 /// One batch, tokenized and split into length-sorted chunks; `target[r]` is the column of
-/// context row r's own response (rows and columns are in chunk order).
+/// context row r's own response (rows and columns are in chunk order). `mask` drops, per
+/// row, every other column whose text is the row's own response (a repeated "lol" in the
+/// batch is no negative).
 struct PreparedBatch {
     contexts: Vec<Batch>,
     candidates: Vec<Batch>,
     target: Tensor,
+    mask: Tensor,
 }
 
 fn length_sorted(enc: &[Encoding]) -> Vec<usize> {
@@ -75,21 +84,38 @@ fn chunked(enc: &[Encoding], order: &[usize], chunk: usize, device: Device) -> V
 }
 
 impl PreparedBatch {
-    fn new(text: &TextEncoder, pairs: &[&Pair], chunk: usize, device: Device) -> Result<Self> {
+    /// With `context_negatives`, each pair's last context turn joins the candidates as one
+    /// more negative for every row: the text most like the context is not a reply to it, and
+    /// random in-batch negatives never teach that (a similarity encoder ranks an echo of the
+    /// question above the answer).
+    fn new(text: &TextEncoder, pairs: &[&Pair], chunk: usize, context_negatives: bool, device: Device) -> Result<Self> {
         let contexts: Vec<String> = pairs.iter().map(|p| text.join_turns(&p.context)).collect();
-        let responses: Vec<String> = pairs.iter().map(|p| p.response.clone()).collect();
+        let mut candidates: Vec<String> = pairs.iter().map(|p| p.response.clone()).collect();
+        if context_negatives {
+            candidates.extend(pairs.iter().filter_map(|p| p.context.last().cloned()));
+        }
         let ce = text.tokenize(&contexts, TextKind::Context).map_err(anyhow::Error::msg)?;
-        let re = text.tokenize(&responses, TextKind::Candidate).map_err(anyhow::Error::msg)?;
+        let re = text.tokenize(&candidates, TextKind::Candidate).map_err(anyhow::Error::msg)?;
         let (co, ro) = (length_sorted(&ce), length_sorted(&re));
-        let mut column = vec![0i64; pairs.len()];
+        let mut column = vec![0i64; candidates.len()];
         for (col, &i) in ro.iter().enumerate() {
             column[i] = col as i64;
         }
         let target: Vec<i64> = co.iter().map(|&i| column[i]).collect();
+        let (b, n) = (co.len(), ro.len());
+        let mut mask = vec![0f32; b * n];
+        for (r, &i) in co.iter().enumerate() {
+            for (col, &j) in ro.iter().enumerate() {
+                if j != i && candidates[j] == candidates[i] {
+                    mask[r * n + col] = -1e4;
+                }
+            }
+        }
         Ok(PreparedBatch {
             contexts: chunked(&ce, &co, chunk, device),
             candidates: chunked(&re, &ro, chunk, device),
             target: Tensor::from_slice(&target).to_device(device),
+            mask: Tensor::from_slice(&mask).view([b as i64, n as i64]).to_device(device),
         })
     }
 }
@@ -105,7 +131,7 @@ fn accumulate_gradients(model: &PolyEncoder, b: &PreparedBatch, scale: f64, grad
     if !grad_cache {
         let codes = cat_codes(b.contexts.iter().map(|c| model.context_codes(c)).collect());
         let cands = Tensor::cat(&b.candidates.iter().map(|c| model.candidate_vectors(c)).collect::<Vec<_>>(), 0);
-        let loss = in_batch_loss(model, &codes, &cands, &b.target, scale);
+        let loss = in_batch_loss(model, &codes, &cands, &b.target, scale, Some(&b.mask));
         loss.backward();
         return loss.double_value(&[]);
     }
@@ -115,7 +141,7 @@ fn accumulate_gradients(model: &PolyEncoder, b: &PreparedBatch, scale: f64, grad
     let vectors: Vec<Tensor> = tch::no_grad(|| b.candidates.iter().map(|c| model.candidate_vectors(c)).collect::<Vec<_>>()).into_iter().map(leaf).collect();
     // 2. The head and the loss over the whole batch: the head's gradient is final here.
     let codes = cat_codes(tokens.iter().zip(&b.contexts).map(|(h, c)| model.head.context_codes(h, &c.mask)).collect());
-    let loss = in_batch_loss(model, &codes, &Tensor::cat(&vectors, 0), &b.target, scale);
+    let loss = in_batch_loss(model, &codes, &Tensor::cat(&vectors, 0), &b.target, scale, Some(&b.mask));
     loss.backward();
     // 3. Chunk by chunk: re-encode with a graph and push the cached output gradient through.
     // d/dθ Σ (out ⊙ g) with g fixed is exactly gᵀ ∂out/∂θ.
@@ -171,9 +197,9 @@ impl Trainer {
     }
 
     /// Loss and gradients of one batch, without an update (gradients are zeroed first).
-    pub fn gradients(&mut self, pairs: &[&Pair], chunk: usize, scale: f64, grad_cache: bool) -> Result<f64> {
+    pub fn gradients(&mut self, pairs: &[&Pair], chunk: usize, scale: f64, grad_cache: bool, context_negatives: bool) -> Result<f64> {
         self.opt.zero_grad();
-        let b = PreparedBatch::new(&self.text, pairs, chunk, self.ranker.model.device)?;
+        let b = PreparedBatch::new(&self.text, pairs, chunk, context_negatives, self.ranker.model.device)?;
         Ok(accumulate_gradients(&self.ranker.model, &b, scale, grad_cache))
     }
 
@@ -183,7 +209,7 @@ impl Trainer {
     }
 
     fn step(&mut self, pairs: &[&Pair], a: &TrainArgs, lr_mult: f64) -> Result<f64> {
-        let loss = self.gradients(pairs, a.chunk_size, a.logit_scale, a.grad_cache)?;
+        let loss = self.gradients(pairs, a.chunk_size, a.logit_scale, a.grad_cache, a.context_negatives)?;
         self.opt.clip_grad_norm(a.clip_norm);
         self.opt.step(&[a.lr_encoder * lr_mult, a.lr * lr_mult]);
         Ok(loss)
@@ -220,9 +246,9 @@ pub(super) fn train(a: &TrainArgs) -> Result<TrainState> {
     let total = a.max_steps.unwrap_or(a.epochs * per_epoch);
     // Everything that decides the batches and the updates: a resumed run must match it.
     let recipe = format!(
-        "seed {} | {} pairs of {} | batch {} | steps {total} | warm-up {} | layers {:?} embeddings {} | lr {} / encoder {} | wd {} | clip {} | scale {} | tokens {:?}/{:?}",
+        "seed {} | {} pairs of {} | batch {} | steps {total} | warm-up {} | layers {:?} embeddings {} | lr {} / encoder {} | wd {} | clip {} | scale {} | tokens {:?}/{:?} | context negatives {}",
         a.seed, pairs.len(), a.data.display(), a.batch_size, a.warmup_steps, a.train_layers, a.train_embeddings, a.lr, a.lr_encoder,
-        a.weight_decay, a.clip_norm, a.logit_scale, a.max_context_tokens, a.max_candidate_tokens
+        a.weight_decay, a.clip_norm, a.logit_scale, a.max_context_tokens, a.max_candidate_tokens, a.context_negatives
     );
     if a.resume {
         if !state.recipe.is_empty() && state.recipe != recipe {

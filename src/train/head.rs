@@ -128,5 +128,5 @@ fn step_loss(ranker: &Ranker, contexts: &[Tensor], cands: &Tensor, batch: &[i64]
     }
     let c = cands.index_select(0, &Tensor::from_slice(&rows));
     let target = Tensor::arange(batch.len() as i64, (Kind::Int64, Device::Cpu));
-    super::finetune::in_batch_loss(&ranker.model, &codes, &c, &target, scale)
+    super::finetune::in_batch_loss(&ranker.model, &codes, &c, &target, scale, None)
 }

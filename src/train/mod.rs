@@ -78,6 +78,12 @@ pub struct TrainArgs {
     /// Transformer layers to fine-tune from the top: 0 (head only, frozen encoder), N, or `all`.
     #[arg(long, default_value = "0")]
     pub train_layers: TrainLayers,
+    /// Fine-tuning from a model with one shared encoder: give the candidates an encoder of
+    /// their own (a copy of the base's, `share_encoders: false`), as the paper's recipes do.
+    /// One shared encoder scores a text highest against itself, so an echo of the context
+    /// outranks any reply; two encoders can learn the asymmetry.
+    #[arg(long)]
+    pub separate_encoders: bool,
     /// Fine-tune the embeddings too (with --train-layers all).
     #[arg(long)]
     pub train_embeddings: bool,
@@ -118,6 +124,10 @@ pub struct TrainArgs {
     /// an unscaled cross-entropy mostly rewards inflating every score rather than ranking.
     #[arg(long, default_value_t = 1.0)]
     pub logit_scale: f64,
+    /// Fine-tuning: each pair's last context turn is one more negative for every context of
+    /// the batch (an echo of the context is not a reply to it).
+    #[arg(long)]
+    pub context_negatives: bool,
     /// Extra random negatives per batch, drawn from the other responses (head only).
     #[arg(long, default_value_t = 0)]
     pub extra_negatives: usize,
@@ -261,6 +271,15 @@ fn prepare_out(a: &TrainArgs, copy_encoder: bool) -> Result<PolySettings> {
         }
     }
     let mut s = base_settings;
+    if a.separate_encoders && s.share_encoders {
+        anyhow::ensure!(copy_encoder, "--separate-encoders needs --train-layers (a fine-tuned encoder)");
+        let cand = a.out.join(CANDIDATE_ENCODER_DIR);
+        std::fs::create_dir_all(&cand)?;
+        for name in [CONFIG_FILE, WEIGHTS_FILE] {
+            std::fs::copy(a.base.join(name), cand.join(name)).with_context(|| format!("copying {name} into {}", cand.display()))?;
+        }
+        s.share_encoders = false;
+    }
     match a.n_codes {
         Some(m) => {
             s.mode = Mode::Poly;
