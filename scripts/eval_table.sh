@@ -13,10 +13,11 @@ for m in runs/ft-bi runs/ft-poly-m16; do
 done
 models+=(models/default)
 bin=./target/release/polyrank
+mkdir -p runs/eval
+out=runs/eval/table.jsonl
+: > "$out"
 for data in data/dialogues/chitchat-test20.jsonl data/dialogues/spc-test20.txt; do
   [ -f "$data" ] || continue
-  echo "### $(basename "$data")"
-  echo
-  $bin eval --data "$data" --model "${models[@]}"
-  echo
+  $bin eval --data "$data" --model "${models[@]}" --json >> "$out"
 done
+python3 scripts/quality_table.py "$out"
