@@ -9,19 +9,13 @@
 mod server;
 mod common;
 
-use common::{load, root, synthetic_pool};
+use common::{load, root, synthetic_pool, CONTEXTS};
 use polyrank::model::bert::BertConfig;
 use polyrank::model::settings::{Mode, PolySettings};
 use serde_json::json;
 use server::{Server, Setup};
 use std::path::PathBuf;
 
-const CONTEXTS: &[&str] = &[
-    "what is your favourite food?",
-    "i just got back from a trip to paris, have you ever been?",
-    "do you have any pets at home?",
-    "what kind of music do you listen to when you work?",
-];
 
 fn main() {
     let args: Vec<String> = std::env::args().collect();

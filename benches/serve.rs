@@ -12,24 +12,16 @@
 mod server;
 mod common;
 
-use polyrank::cache::PoolCache;
-use polyrank::model::settings::PolySettings;
 use polyrank::ranker::Ranker;
 use polyrank::tokenizer::TextKind;
 use serde_json::{json, Value};
-use common::{free_port, load, median, root, synthetic_pool, Load};
+use common::{free_port, load, median, root, synthetic_pool, Load, CONTEXTS};
 use server::{Server, Setup};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 use tch::{Device, Kind, Tensor};
 
-const CONTEXTS: &[&str] = &[
-    "what is your favourite food?",
-    "i just got back from a trip to paris, have you ever been?",
-    "do you have any pets at home?",
-    "what kind of music do you listen to when you work?",
-];
 
 struct Opts {
     sizes: Vec<usize>,

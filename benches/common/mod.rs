@@ -9,6 +9,14 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 use tch::{Device, Kind, Tensor};
 
+/// Contexts the benchmarks send, in turn.
+pub const CONTEXTS: &[&str] = &[
+    "what is your favourite food?",
+    "i just got back from a trip to paris, have you ever been?",
+    "do you have any pets at home?",
+    "what kind of music do you listen to when you work?",
+];
+
 pub fn root() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
 }
