@@ -31,7 +31,8 @@ args = ap.parse_args()
 settings = json.load(open(os.path.join(args.model, "polyrank.json")))
 tokenizer = AutoTokenizer.from_pretrained(args.model)
 tokenizer.truncation_side = "left"  # keep the latest turns
-model = AutoModel.from_pretrained(args.model).eval()
+# fp32 whatever the checkpoint stores (the default model keeps fp16 weights), as polyrank does.
+model = AutoModel.from_pretrained(args.model, dtype=torch.float32).eval()
 codes = load_file(os.path.join(args.model, "poly_head.safetensors"))["codes"]
 raw = np.fromfile(args.pool_cache, dtype=np.uint8)
 n, d = (int(x) for x in np.frombuffer(raw[40:56].tobytes(), dtype="<u8"))

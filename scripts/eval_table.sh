@@ -8,8 +8,12 @@ cd "$(dirname "$0")/.."
 # Zero-shot bi-encoder, head-only heads (the previous default = poly-m64), the fine-tuned bi and
 # m = 16 runs, and the default (the fine-tuned m = 64 run, fp16 weights).
 models=(models/minilm-bi models/poly-m16 models/poly-m64)
+# Only finished runs (steps_done = the recipe's steps).
+finished() {
+  python3 -c 'import json, re, sys; s = json.load(open(sys.argv[1])); sys.exit(s["steps_done"] != int(re.search(r"steps (\d+)", s["recipe"]).group(1)))' "$1/train_state.json" 2>/dev/null
+}
 for m in runs/ft-bi runs/ft-poly-m16; do
-  if [ -f "$m/train_state.json" ]; then models+=("$m"); fi
+  if finished "$m"; then models+=("$m"); fi
 done
 models+=(models/default)
 bin=./target/release/polyrank
