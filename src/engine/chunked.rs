@@ -26,10 +26,10 @@ pub(super) enum Then {
 pub(super) struct Chunked {
     kind: TextKind,
     texts: Vec<Encoding>,
-    /// Text indices by length, so each chunk pads little.
-    order: Vec<usize>,
+    /// First text not yet encoded.
     next: usize,
-    /// Encoded chunks, rows in `order`.
+    /// Encoded chunks, rows in text order (the ranker groups each chunk by length itself
+    /// and returns its rows in input order).
     parts: Vec<Tensor>,
     then: Then,
     job: Option<Job>,
@@ -37,9 +37,7 @@ pub(super) struct Chunked {
 
 impl Chunked {
     pub(super) fn new(kind: TextKind, texts: Vec<Encoding>, then: Then) -> Self {
-        let mut order: Vec<usize> = (0..texts.len()).collect();
-        order.sort_by_key(|&i| texts[i].get_ids().len());
-        Chunked { kind, texts, order, next: 0, parts: Vec::new(), then, job: None }
+        Chunked { kind, texts, next: 0, parts: Vec::new(), then, job: None }
     }
 
     pub(super) fn with_job(mut self, job: Job) -> Self {
@@ -49,7 +47,7 @@ impl Chunked {
 
     /// Tokens still to encode.
     pub(super) fn remaining_tokens(&self) -> usize {
-        self.order[self.next..].iter().map(|&i| self.texts[i].get_ids().len()).sum()
+        self.texts[self.next..].iter().map(|e| e.get_ids().len()).sum()
     }
 
     pub(super) fn alive(&self, now: Instant) -> bool {
@@ -66,26 +64,20 @@ impl Chunked {
     pub(super) fn advance(&mut self, ranker: &Ranker, batch_size: usize) -> Option<Output> {
         let mut end = self.next;
         let mut tokens = 0;
-        while end < self.order.len() && (end == self.next || tokens + self.texts[self.order[end]].get_ids().len() <= CHUNK_TOKENS) {
-            tokens += self.texts[self.order[end]].get_ids().len();
+        while end < self.texts.len() && (end == self.next || tokens + self.texts[end].get_ids().len() <= CHUNK_TOKENS) {
+            tokens += self.texts[end].get_ids().len();
             end += 1;
         }
-        let chunk: Vec<Encoding> = self.order[self.next..end].iter().map(|&i| self.texts[i].clone()).collect();
+        let chunk = &self.texts[self.next..end];
         self.parts.push(match self.kind {
-            TextKind::Candidate => ranker.candidate_vectors(&chunk, batch_size),
-            TextKind::Context => ranker.context_codes(&chunk, batch_size).y,
+            TextKind::Candidate => ranker.candidate_vectors(chunk, batch_size),
+            TextKind::Context => ranker.context_codes(chunk, batch_size).y,
         });
         self.next = end;
-        if self.next < self.order.len() {
+        if self.next < self.texts.len() {
             return None;
         }
-        // Undo the length order: text order[k] is row k.
-        let mut inverse = vec![0i64; self.order.len()];
-        for (k, &i) in self.order.iter().enumerate() {
-            inverse[i] = k as i64;
-        }
-        let sorted = Tensor::cat(&self.parts, 0);
-        let v = sorted.index_select(0, &Tensor::from_slice(&inverse).to_device(sorted.device()));
+        let v = Tensor::cat(&self.parts, 0);
         Some(match &self.then {
             Then::Rank { codes, top_k: k } => Output::Ranked(top_k(&ranker.model.score(codes, &v).squeeze_dim(0), *k)),
             Then::Vectors => vectors(&v),
