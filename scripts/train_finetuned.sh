@@ -19,5 +19,5 @@ mkdir -p "$out"
   --train-layers all --separate-encoders --context-negatives --batch-size 256 --chunk-size 64 --grad-cache false \
   --lr 3e-3 --lr-encoder "${FT_LR_ENCODER:-1e-4}" --warmup-steps 10 --clip-norm 1.0 --weight-decay 0.01 \
   --max-context-tokens 128 --max-candidate-tokens 48 \
-  --max-steps "${FT_STEPS:-110}" --save-every 10 --valid-every 55 --seed 0 \
+  --max-steps "${FT_STEPS:-110}" --save-every 10 --valid-every "${FT_VALID_EVERY:-55}" --seed "${FT_SEED:-0}" \
   "${resume[@]}" "$@" 2>&1 | tee -a "$out/train.log"
