@@ -11,7 +11,7 @@ mod common;
 
 use common::{load, root, synthetic_pool, CONTEXTS};
 use polyrank::model::bert::BertConfig;
-use polyrank::model::settings::{Mode, PolySettings};
+use polyrank::model::format::{Mode, PolySettings};
 use serde_json::json;
 use server::{Server, Setup};
 use std::path::PathBuf;

@@ -12,8 +12,8 @@
 mod server;
 mod common;
 
-use polyrank::ranker::Ranker;
-use polyrank::tokenizer::TextKind;
+use polyrank::infer::ranker::Ranker;
+use polyrank::text::TextKind;
 use serde_json::{json, Value};
 use common::{free_port, load, median, root, synthetic_pool, Load, CONTEXTS};
 use server::{Server, Setup};

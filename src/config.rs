@@ -193,7 +193,7 @@ impl Config {
         ] {
             anyhow::ensure!(value >= 1, "{name} must be at least 1 (0 would refuse every request or disable the limit)");
         }
-        let cores = crate::engine::num_cpus();
+        let cores = crate::infer::num_cpus();
         anyhow::ensure!(
             self.threads <= MAX_THREADS_PER_CORE * cores,
             "threads = {} is more than {MAX_THREADS_PER_CORE} per core on this {cores}-core host (0 = one per core)",
@@ -206,7 +206,7 @@ impl Config {
 
     /// Checks that need the model's settings: one context and one candidate of the longest
     /// the model reads must fit the per-request budget.
-    pub fn validate_for(&self, s: &crate::model::settings::PolySettings) -> Result<()> {
+    pub fn validate_for(&self, s: &crate::model::format::PolySettings) -> Result<()> {
         let least = s.max_context_tokens + s.max_candidate_tokens;
         anyhow::ensure!(
             self.max_request_tokens >= least,

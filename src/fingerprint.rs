@@ -3,7 +3,7 @@
 //! features cache). Content, not paths: a fine-tuned encoder written over the same path
 //! must never match features computed with the old weights.
 
-use crate::model::settings::*;
+use crate::model::format::*;
 use anyhow::{Context, Result};
 use sha2::{Digest, Sha256};
 use std::io::Read;

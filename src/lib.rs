@@ -1,17 +1,17 @@
-//! polyrank: a Poly-encoder ranking service on libtorch.
+//! polyrank: a Poly-encoder ranking service on libtorch. Read `docs/architecture.md` first.
+//!
+//! Layers, dependencies one way: `http` → `infer` → `model` / `text` / `pool` → `model::format`.
+//! `offline` (eval, train, the small CLI commands) sits beside `http` and uses `infer::Ranker`.
 
-pub mod cache;
-pub mod cli;
 pub mod config;
-pub mod engine;
 pub mod fingerprint;
-pub mod eval;
 pub mod http;
+pub mod infer;
 pub mod metrics;
 pub mod model;
+pub mod offline;
 pub mod pool;
-pub mod ranker;
 pub mod serve;
+#[cfg(feature = "testkit")]
 pub mod testkit;
-pub mod tokenizer;
-pub mod train;
+pub mod text;

@@ -1,6 +1,6 @@
 use anyhow::Result;
 use clap::{Parser, Subcommand};
-use polyrank::cli;
+use polyrank::offline::cli;
 
 #[derive(Parser)]
 #[command(name = "polyrank", version, about = "A Poly-encoder ranking service on libtorch")]
@@ -16,7 +16,7 @@ enum Command {
     /// R@1/5/10 and MRR of a model on examples with fixed candidate lists.
     Eval(cli::EvalArgs),
     /// Train the Poly-encoder head on (context, response) pairs.
-    Train(polyrank::train::TrainArgs),
+    Train(polyrank::offline::train::TrainArgs),
     /// Rank a handful of built-in candidates for a context (a quick check of a model).
     Rank(cli::RankArgs),
     /// Write polyrank.json and a freshly initialised poly head next to a BERT checkpoint.
@@ -34,7 +34,7 @@ fn main() -> Result<()> {
     match Cli::parse().command {
         Command::Serve(a) => polyrank::serve::serve(a),
         Command::Eval(a) => cli::eval(a),
-        Command::Train(a) => polyrank::train::train(a).map(|_| ()),
+        Command::Train(a) => polyrank::offline::train::train(a).map(|_| ()),
         Command::Rank(a) => cli::rank(a),
         Command::InitHead(a) => cli::init_head(a),
     }

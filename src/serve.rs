@@ -2,7 +2,7 @@
 
 use crate::config::{Config, ServeArgs};
 use crate::http::{router, shutdown_signal, AppState};
-use crate::tokenizer::TextEncoder;
+use crate::text::Tokenizer;
 use anyhow::{Context, Result};
 use std::sync::Arc;
 
@@ -10,10 +10,10 @@ pub fn serve(args: ServeArgs) -> Result<()> {
     let config = Config::resolve(&args)?;
     tracing::info!(config = %serde_json::to_string(&config).unwrap_or_default(), "settings");
     let metrics = crate::metrics::install()?;
-    let settings = crate::model::settings::PolySettings::load(config.model_dir())?;
+    let settings = crate::model::format::PolySettings::load(config.model_dir())?;
     config.validate_for(&settings)?;
-    let (engine, inference) = crate::engine::start(&config, &settings)?;
-    let text = Arc::new(TextEncoder::load(config.model_dir(), &settings)?);
+    let (engine, inference) = crate::infer::start(&config, &settings)?;
+    let text = Arc::new(Tokenizer::load(config.model_dir(), &settings)?);
     let state = Arc::new(AppState { engine, text, config: config.clone(), metrics });
 
     let runtime = tokio::runtime::Builder::new_multi_thread()

@@ -1,12 +1,12 @@
-//! Generates models in the polyrank format: a fresh head for an existing checkpoint
-//! (`polyrank init-head`), and tiny random-weight models with a small vocabulary for fast
-//! tests and benchmarks.
+//! Tiny random-weight models with a small vocabulary, for fast tests and benchmarks. Behind
+//! the `testkit` feature: the tests turn it on (see Cargo.toml's dev-dependencies); the
+//! shipped binary does not carry it.
 
 use crate::model::bert::{Bert, BertConfig};
-use crate::model::poly::PolyHead;
-use crate::model::settings::*;
+use crate::model::init::init_head;
+use crate::model::format::*;
 use crate::model::weights::save_vars;
-use anyhow::{Context, Result};
+use anyhow::Result;
 use std::path::Path;
 use tch::{nn::VarStore, Device, Tensor};
 use tokenizers::models::wordpiece::WordPiece;
@@ -14,19 +14,6 @@ use tokenizers::normalizers::BertNormalizer;
 use tokenizers::pre_tokenizers::bert::BertPreTokenizer;
 use tokenizers::processors::bert::BertProcessing;
 use tokenizers::Tokenizer;
-
-/// Writes `polyrank.json` and a freshly initialised `poly_head.safetensors` (seeded) for a
-/// directory that already holds the BERT checkpoint.
-pub fn init_head(dir: &Path, settings: &PolySettings, seed: i64) -> Result<()> {
-    let config = BertConfig::load(dir)?;
-    settings.validate(&dir.join(SETTINGS_FILE))?;
-    tch::manual_seed(seed);
-    let vs = VarStore::new(Device::Cpu);
-    let _head = PolyHead::new(&vs.root(), settings, config.hidden_size);
-    save_vars(&vs, &dir.join(HEAD_FILE)).context("writing the head")?;
-    settings.save(dir)?;
-    Ok(())
-}
 
 /// Words the tiny tokenizer knows whole; anything else falls back to single letters.
 const WORDS: &[&str] = &[

@@ -1,10 +1,10 @@
 //! A text alone and inside a padded batch must give the same outputs: this is what a broken
 //! attention mask or pooling mask fails.
 
-use polyrank::model::settings::{AttentionKind, PolySettings, PolyType, Pooling};
-use polyrank::ranker::Ranker;
+use polyrank::model::format::{AttentionKind, PolySettings, PolyType, Pooling};
+use polyrank::infer::ranker::Ranker;
 use polyrank::testkit::{tiny_settings, write_tiny_model};
-use polyrank::tokenizer::TextKind;
+use polyrank::text::TextKind;
 use tch::{Device, Tensor};
 
 const TEXTS: [&str; 4] = [

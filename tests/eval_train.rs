@@ -2,8 +2,8 @@
 //! and its checkpoint loads in eval and serve.
 
 mod common;
-use polyrank::eval::{load_examples, metrics, rank_of, Example};
-use polyrank::train::{train, TrainArgs};
+use polyrank::offline::eval::{load_examples, metrics, rank_of, Example};
+use polyrank::offline::train::{train, TrainArgs};
 use polyrank::testkit::{tiny_settings, write_tiny_model};
 use std::path::Path;
 
@@ -89,8 +89,8 @@ fn training_lowers_the_loss_raises_r1_and_the_checkpoint_serves() {
     // Multihead attention gives the head projections to learn: with a frozen random encoder,
     // codes alone can only re-weight tokens whose features were never aligned.
     let mut settings = tiny_settings(8);
-    settings.codes_attention.kind = polyrank::model::settings::AttentionKind::Multihead;
-    settings.candidate_attention.kind = polyrank::model::settings::AttentionKind::Multihead;
+    settings.codes_attention.kind = polyrank::model::format::AttentionKind::Multihead;
+    settings.candidate_attention.kind = polyrank::model::format::AttentionKind::Multihead;
     write_tiny_model(&base, &settings, 3).unwrap();
     let (train_path, valid_path) = write_toy(dir.path());
     let out = dir.path().join("trained");
@@ -110,9 +110,9 @@ fn training_lowers_the_loss_raises_r1_and_the_checkpoint_serves() {
     assert!(after > before + 0.1, "R@1 {before} → {after}");
 
     // The checkpoint is a model directory: eval loads it and agrees with training's figure.
-    let ranker = polyrank::ranker::Ranker::load(&out, tch::Device::Cpu).unwrap();
+    let ranker = polyrank::infer::ranker::Ranker::load(&out, tch::Device::Cpu).unwrap();
     assert!(ranker.model.settings.trained);
-    let m = polyrank::eval::evaluate(&ranker, &load_examples(&valid_path).unwrap(), 16, false).unwrap();
+    let m = polyrank::offline::eval::evaluate(&ranker, &load_examples(&valid_path).unwrap(), 16, false).unwrap();
     assert!((m.r_at_1 - after).abs() < 1e-9, "eval {} vs training {after}", m.r_at_1);
 
     // Same seed → same result.

@@ -2,10 +2,10 @@
 //! full-batch gradient, gradients reach the encoder, a tiny model learns a toy task, resume is
 //! exact, separate encoders both train, and checkpoints load as model directories.
 
-use polyrank::model::settings::*;
+use polyrank::model::format::*;
 use polyrank::testkit::{tiny_settings, write_tiny_model};
-use polyrank::train::finetune::Trainer;
-use polyrank::train::{train, Pair, TrainArgs};
+use polyrank::offline::train::finetune::Trainer;
+use polyrank::offline::train::{train, Pair, TrainArgs};
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use tch::Tensor;
@@ -138,10 +138,10 @@ fn fine_tuning_learns_checkpoints_load_and_resume_is_exact() {
     let diff = max_diff(&tensors(&base.join(WEIGHTS_FILE)), &tensors(&out.join(WEIGHTS_FILE)));
     assert!(diff > 1e-3, "encoder weights unchanged ({diff})");
     assert!(!out.join(WEIGHTS_FILE).symlink_metadata().unwrap().file_type().is_symlink());
-    let ranker = polyrank::ranker::Ranker::load(&out, tch::Device::Cpu).unwrap();
+    let ranker = polyrank::infer::ranker::Ranker::load(&out, tch::Device::Cpu).unwrap();
     assert!(ranker.model.settings.trained);
-    let examples = polyrank::eval::load_examples(&valid_path).unwrap();
-    let m = polyrank::eval::evaluate(&ranker, &examples, 16, false).unwrap();
+    let examples = polyrank::offline::eval::load_examples(&valid_path).unwrap();
+    let m = polyrank::offline::eval::evaluate(&ranker, &examples, 16, false).unwrap();
     assert!((m.r_at_1 - after).abs() < 1e-9, "eval {} vs training {after}", m.r_at_1);
 
     // Resume: 12 steps, a stop, then the rest (checkpoint every 4) ends exactly where the
@@ -185,7 +185,7 @@ fn separate_encoders_both_fine_tune_and_load() {
     let d_ctx = max_diff(&tensors(&base.join(WEIGHTS_FILE)), &tensors(&out.join(WEIGHTS_FILE)));
     let d_cand = max_diff(&tensors(&base.join(&cand)), &tensors(&out.join(&cand)));
     assert!(d_ctx > 0.0 && d_cand > 0.0, "context encoder moved {d_ctx}, candidate encoder {d_cand}");
-    let r = polyrank::ranker::Ranker::load(&out, tch::Device::Cpu).unwrap();
+    let r = polyrank::infer::ranker::Ranker::load(&out, tch::Device::Cpu).unwrap();
     assert!(!r.model.settings.share_encoders);
 
     // From a shared base, --separate-encoders gives the candidates their own copy, and both
@@ -198,7 +198,7 @@ fn separate_encoders_both_fine_tune_and_load() {
         "--context-negatives", "--batch-size", "16", "--max-steps", "3", "--lr-encoder", "1e-3", "--threads", "1",
     ]))
     .unwrap();
-    let r = polyrank::ranker::Ranker::load(&out, tch::Device::Cpu).unwrap();
+    let r = polyrank::infer::ranker::Ranker::load(&out, tch::Device::Cpu).unwrap();
     assert!(!r.model.settings.share_encoders);
     let base_w = tensors(&shared.join(WEIGHTS_FILE));
     let (ctx_w, cand_w) = (tensors(&out.join(WEIGHTS_FILE)), tensors(&out.join(&cand)));

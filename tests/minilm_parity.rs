@@ -2,8 +2,8 @@
 //! run at test time from the project's venv, and a relevant reply must win.
 
 mod common;
-use polyrank::ranker::Ranker;
-use polyrank::tokenizer::TextKind;
+use polyrank::infer::ranker::Ranker;
+use polyrank::text::TextKind;
 use std::process::Command;
 use tch::{Device, Kind, Tensor};
 

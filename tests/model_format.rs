@@ -1,7 +1,7 @@
 //! A missing or malformed file in a model directory gives an error naming the file and the fault.
 
-use polyrank::model::settings::*;
-use polyrank::ranker::Ranker;
+use polyrank::model::format::*;
+use polyrank::infer::ranker::Ranker;
 use polyrank::testkit::{tiny_settings, write_tiny_model};
 use std::path::Path;
 use tch::Device;

@@ -3,8 +3,8 @@
 //! paraphrase; a model trained on response selection must prefer the reply.
 
 mod common;
-use polyrank::ranker::Ranker;
-use polyrank::tokenizer::TextKind;
+use polyrank::infer::ranker::Ranker;
+use polyrank::text::TextKind;
 use serde::Deserialize;
 use std::path::Path;
 

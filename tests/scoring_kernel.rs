@@ -3,7 +3,7 @@
 
 use polyrank::model::attention::Attention;
 use polyrank::model::scoring::{score, top_k, ContextCodes};
-use polyrank::model::settings::{AttentionKind, AttentionSpec};
+use polyrank::model::format::{AttentionKind, AttentionSpec};
 use tch::{nn, Device, Kind, Tensor};
 
 type Mat = Vec<Vec<f64>>;

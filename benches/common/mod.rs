@@ -2,8 +2,8 @@
 //! written straight into the server's cache format.
 #![allow(dead_code)]
 
-use polyrank::cache::PoolCache;
-use polyrank::model::settings::PolySettings;
+use polyrank::pool::cache::PoolCache;
+use polyrank::model::format::PolySettings;
 use serde_json::Value;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};

@@ -5,17 +5,17 @@
 
 use libfuzzer_sys::fuzz_target;
 use polyrank::http::api::{check_texts, ContextInput, EncodeRequest, RankRequest};
-use polyrank::model::settings::PolySettings;
-use polyrank::tokenizer::{TextEncoder, TextKind};
+use polyrank::model::format::PolySettings;
+use polyrank::text::{Tokenizer, TextKind};
 use std::path::Path;
 use std::sync::OnceLock;
 
-fn encoder() -> &'static TextEncoder {
-    static ENC: OnceLock<TextEncoder> = OnceLock::new();
+fn encoder() -> &'static Tokenizer {
+    static ENC: OnceLock<Tokenizer> = OnceLock::new();
     ENC.get_or_init(|| {
         let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../models/default");
         let settings = PolySettings::load(&dir).expect("models/default (run `make model`)");
-        TextEncoder::load(&dir, &settings).expect("tokenizer")
+        Tokenizer::load(&dir, &settings).expect("tokenizer")
     })
 }
 

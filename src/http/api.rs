@@ -3,9 +3,9 @@
 
 use super::error::ApiError;
 use super::AppState;
-use crate::engine::{EngineError, Output, SubmitError, Target, Work};
+use crate::infer::{EngineError, Output, SubmitError, Target, Work};
 use crate::metrics as m;
-use crate::tokenizer::TextKind;
+use crate::text::TextKind;
 use axum::extract::{FromRequest, State};
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};

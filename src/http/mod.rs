@@ -5,9 +5,9 @@ pub mod api;
 pub mod error;
 
 use crate::config::Config;
-use crate::engine::EngineHandle;
+use crate::infer::EngineHandle;
 use crate::metrics as m;
-use crate::tokenizer::TextEncoder;
+use crate::text::Tokenizer;
 use axum::extract::{MatchedPath, Request, State};
 use axum::http::{header, HeaderName, HeaderValue, Method, StatusCode};
 use axum::middleware::{self, Next};
@@ -27,7 +27,7 @@ use tracing::Level;
 
 pub struct AppState {
     pub engine: EngineHandle,
-    pub text: Arc<TextEncoder>,
+    pub text: Arc<Tokenizer>,
     pub config: Config,
     pub metrics: metrics_exporter_prometheus::PrometheusHandle,
 }

@@ -1,7 +1,7 @@
 //! ParlAI's three `attend` variants, used both by the codes reading the context and by a
 //! candidate reading the codes.
 
-use super::settings::{AttentionKind, AttentionSpec};
+use super::format::{AttentionKind, AttentionSpec};
 use tch::{nn, nn::Module, Kind, Tensor};
 
 /// A logit that softmax turns into an exact zero but that stays finite in half precision.

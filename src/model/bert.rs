@@ -1,7 +1,7 @@
 //! A BERT encoder in tch, one struct per block, variables named as in HF checkpoints
 //! (`embeddings.word_embeddings.weight`, `encoder.layer.3.attention.self.query.weight`, …).
 
-use super::settings::{FormatError, CONFIG_FILE};
+use super::format::{FormatError, CONFIG_FILE};
 use serde::{Deserialize, Serialize};
 use std::path::Path;
 use tch::{nn, nn::Module, Kind, Tensor};
@@ -37,7 +37,7 @@ fn default_eps() -> f64 {
 impl BertConfig {
     pub fn load(dir: &Path) -> Result<Self, FormatError> {
         let path = dir.join(CONFIG_FILE);
-        let text = super::settings::read_text(&path)?;
+        let text = super::format::read_text(&path)?;
         let c: BertConfig =
             serde_json::from_str(&text).map_err(|e| FormatError::malformed(&path, e))?;
         if c.hidden_size % c.num_attention_heads != 0 {

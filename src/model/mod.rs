@@ -4,14 +4,15 @@ pub mod attention;
 pub mod bert;
 pub mod poly;
 pub mod scoring;
-pub mod settings;
+pub mod format;
+pub mod init;
 pub mod weights;
 
-use crate::tokenizer::Batch;
+use crate::text::Batch;
 use bert::{Bert, BertConfig};
 use poly::PolyHead;
 use scoring::ContextCodes;
-use settings::*;
+use format::*;
 use std::path::{Path, PathBuf};
 use tch::{nn::VarStore, Device, Tensor};
 

@@ -3,7 +3,7 @@
 
 use super::attention::Attention;
 use super::scoring::ContextCodes;
-use super::settings::{AttentionKind, AttentionSpec, Mode, PolySettings, PolyType, Pooling};
+use super::format::{AttentionKind, AttentionSpec, Mode, PolySettings, PolyType, Pooling};
 use tch::{nn, Kind, Tensor};
 
 #[derive(Debug)]

@@ -1,6 +1,6 @@
 //! Fills a `VarStore` from a safetensors checkpoint, by the checkpoint's own tensor names.
 
-use super::settings::FormatError;
+use super::format::FormatError;
 use std::collections::HashMap;
 use std::path::Path;
 use tch::{nn::VarStore, Tensor};
@@ -9,7 +9,7 @@ use tch::{nn::VarStore, Tensor};
 const KNOWN_PREFIXES: [&str; 2] = ["bert.", "model."];
 
 pub fn read_tensors(path: &Path) -> Result<HashMap<String, Tensor>, FormatError> {
-    super::settings::require_file(path)?;
+    super::format::require_file(path)?;
     let tensors = Tensor::read_safetensors(path)
         .map_err(|e| FormatError::malformed(path, format!("not a readable safetensors file: {e}")))?;
     Ok(tensors.into_iter().collect())

@@ -7,8 +7,8 @@
 
 use crate::model::scoring::ContextCodes;
 use crate::model::PolyEncoder;
-use crate::ranker::Ranker;
-use crate::tokenizer::{to_batch, TextKind};
+use crate::infer::ranker::Ranker;
+use crate::text::{to_batch, TextKind};
 use anyhow::{bail, Context, Result};
 use serde::{Deserialize, Serialize};
 use std::collections::HashMap;

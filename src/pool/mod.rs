@@ -1,5 +1,7 @@
 //! The candidate pool as text: read from plain-text (one candidate per line) and JSONL
 //! (`{"id", "text", "meta"?}`) files. Ids must be unique across files.
+pub mod cache;
+
 
 use anyhow::{bail, Context, Result};
 use serde::Deserialize;

@@ -15,12 +15,12 @@
 
 use super::adamw::AdamW;
 use super::{apply_init_std, load_pairs, load_state, load_valid, log_entry, prepare_out, save_settings_and_state, score_valid, write_atomically, Pair, TrainArgs, TrainLayers, TrainState};
-use crate::eval::Features;
+use crate::offline::eval::Features;
 use crate::model::scoring::ContextCodes;
-use crate::model::settings::*;
+use crate::model::format::*;
 use crate::model::PolyEncoder;
-use crate::ranker::Ranker;
-use crate::tokenizer::{to_batch, Batch, TextEncoder, TextKind};
+use crate::infer::ranker::Ranker;
+use crate::text::{to_batch, Batch, Tokenizer, TextKind};
 use anyhow::{Context, Result};
 use std::path::Path;
 use std::time::Instant;
@@ -88,7 +88,7 @@ impl PreparedBatch {
     /// more negative for every row: the text most like the context is not a reply to it, and
     /// random in-batch negatives never teach that (a similarity encoder ranks an echo of the
     /// question above the answer).
-    fn new(text: &TextEncoder, pairs: &[&Pair], chunk: usize, context_negatives: bool, device: Device) -> Result<Self> {
+    fn new(text: &Tokenizer, pairs: &[&Pair], chunk: usize, context_negatives: bool, device: Device) -> Result<Self> {
         let contexts: Vec<String> = pairs.iter().map(|p| text.join_turns(&p.context)).collect();
         let mut candidates: Vec<String> = pairs.iter().map(|p| p.response.clone()).collect();
         if context_negatives {
@@ -167,7 +167,7 @@ pub fn schedule(step: usize, warmup: usize, total: usize) -> f64 {
 /// trainable variables under their optimizer.
 pub struct Trainer {
     pub ranker: Ranker,
-    text: TextEncoder,
+    text: Tokenizer,
     opt: AdamW,
     pub trainable: usize,
 }
@@ -192,7 +192,7 @@ impl Trainer {
         let mut s = ranker.model.settings.clone();
         s.max_context_tokens = a.max_context_tokens.unwrap_or(s.max_context_tokens);
         s.max_candidate_tokens = a.max_candidate_tokens.unwrap_or(s.max_candidate_tokens);
-        let text = TextEncoder::load(dir, &s)?;
+        let text = Tokenizer::load(dir, &s)?;
         Ok(Trainer { ranker, text, opt, trainable })
     }
 

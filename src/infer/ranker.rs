@@ -2,22 +2,22 @@
 //! Callers hold a no-grad guard (the inference thread sets one for its whole life).
 
 use crate::model::scoring::{top_k, ContextCodes};
-use crate::model::settings::FormatError;
+use crate::model::format::FormatError;
 use crate::model::PolyEncoder;
-use crate::tokenizer::{to_batch, TextEncoder, TextKind};
+use crate::text::{to_batch, Tokenizer, TextKind};
 use std::path::Path;
 use tch::{Device, Tensor};
 use tokenizers::Encoding;
 
 pub struct Ranker {
     pub model: PolyEncoder,
-    pub text: TextEncoder,
+    pub text: Tokenizer,
 }
 
 impl Ranker {
     pub fn load(dir: &Path, device: Device) -> Result<Self, FormatError> {
         let model = PolyEncoder::load(dir, device)?;
-        let text = TextEncoder::load(dir, &model.settings)?;
+        let text = Tokenizer::load(dir, &model.settings)?;
         Ok(Ranker { model, text })
     }
 
@@ -43,7 +43,7 @@ impl Ranker {
         ContextCodes { y: y.narrow(-1, 0, d), mask: y.select(-1, d).to_kind(tch::Kind::Bool) }
     }
 
-    fn batched(&self, encodings: &[Encoding], batch_size: usize, f: impl Fn(&crate::tokenizer::Batch) -> Tensor) -> Tensor {
+    fn batched(&self, encodings: &[Encoding], batch_size: usize, f: impl Fn(&crate::text::Batch) -> Tensor) -> Tensor {
         let mut order: Vec<usize> = (0..encodings.len()).collect();
         order.sort_by_key(|&i| encodings[i].get_ids().len());
         let mut parts = Vec::new();

@@ -3,10 +3,10 @@
 //! matrix. Each epoch writes a checkpoint.
 
 use super::{apply_init_std, load_pairs, load_state, load_valid, log_entry, prepare_out, save_settings_and_state, score_valid, Pair, TrainArgs, TrainState};
-use crate::eval::{context_tokens, head_codes, progress_bar, Features};
-use crate::model::settings::*;
-use crate::ranker::Ranker;
-use crate::tokenizer::TextKind;
+use crate::offline::eval::{context_tokens, head_codes, progress_bar, Features};
+use crate::model::format::*;
+use crate::infer::ranker::Ranker;
+use crate::text::TextKind;
 use anyhow::{bail, Result};
 use std::path::Path;
 use std::time::Instant;

@@ -7,7 +7,7 @@ use super::chunked::{Chunked, Then, CHUNK_TOKENS};
 use super::{Engine, EngineError, Output, Step, Target, Work};
 use crate::metrics as m;
 use crate::model::scoring::{top_k, ContextCodes};
-use crate::tokenizer::TextKind;
+use crate::text::TextKind;
 use std::collections::HashMap;
 use std::time::Instant;
 use tch::{Kind, Tensor};

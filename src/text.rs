@@ -1,10 +1,10 @@
 //! Text → padded id tensors. Contexts keep their latest turns (left truncation); candidates
 //! keep their beginning. The tokenizer.json's own padding/truncation are replaced.
 
-use crate::model::settings::{FormatError, PolySettings, TOKENIZER_FILE};
+use crate::model::format::{FormatError, PolySettings, TOKENIZER_FILE};
 use std::path::Path;
 use tch::{Device, Kind, Tensor};
-use tokenizers::{Encoding, Tokenizer, TruncationDirection, TruncationParams, TruncationStrategy};
+use tokenizers::{Encoding, Tokenizer as HfTokenizer, TruncationDirection, TruncationParams, TruncationStrategy};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 #[serde(rename_all = "snake_case")]
@@ -23,16 +23,17 @@ pub struct Batch {
     pub mask: Tensor,
 }
 
-pub struct TextEncoder {
-    context: Tokenizer,
-    candidate: Tokenizer,
+/// The model's tokenizer twice: once configured for contexts, once for candidates.
+pub struct Tokenizer {
+    context: HfTokenizer,
+    candidate: HfTokenizer,
     delimiter: String,
 }
 
-fn configured(dir: &Path, max_len: usize, direction: TruncationDirection) -> Result<Tokenizer, FormatError> {
+fn configured(dir: &Path, max_len: usize, direction: TruncationDirection) -> Result<HfTokenizer, FormatError> {
     let path = dir.join(TOKENIZER_FILE);
-    crate::model::settings::require_file(&path)?;
-    let mut tok = Tokenizer::from_file(&path).map_err(|e| FormatError::malformed(&path, e))?;
+    crate::model::format::require_file(&path)?;
+    let mut tok = HfTokenizer::from_file(&path).map_err(|e| FormatError::malformed(&path, e))?;
     tok.with_padding(None);
     tok.with_truncation(Some(TruncationParams {
         max_length: max_len,
@@ -44,9 +45,9 @@ fn configured(dir: &Path, max_len: usize, direction: TruncationDirection) -> Res
     Ok(tok)
 }
 
-impl TextEncoder {
+impl Tokenizer {
     pub fn load(dir: &Path, s: &PolySettings) -> Result<Self, FormatError> {
-        Ok(TextEncoder {
+        Ok(Tokenizer {
             context: configured(dir, s.max_context_tokens, TruncationDirection::Left)?,
             candidate: configured(dir, s.max_candidate_tokens, TruncationDirection::Right)?,
             delimiter: s.turn_delimiter.clone(),
@@ -67,10 +68,6 @@ impl TextEncoder {
             .iter()
             .map(|t| tok.encode(t.as_str(), true).map_err(|e| e.to_string()))
             .collect()
-    }
-
-    pub fn vocab_size(&self) -> usize {
-        self.candidate.get_vocab_size(true)
     }
 }
 

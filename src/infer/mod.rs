@@ -7,15 +7,16 @@
 //! are encoded a chunk at a time (`chunked.rs`), between batches of other work, and dropped
 //! between chunks once their deadline passed or their client went away.
 
+pub mod ranker;
 mod batch;
 mod chunked;
 
-use crate::cache::PoolCache;
+use crate::pool::cache::PoolCache;
 use crate::config::Config;
 use crate::metrics as m;
 use crate::pool::Pool;
-use crate::ranker::Ranker;
-use crate::tokenizer::TextKind;
+use crate::infer::ranker::Ranker;
+use crate::text::TextKind;
 use anyhow::{Context, Result};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::collections::VecDeque;
@@ -98,7 +99,7 @@ impl Job {
 #[derive(Debug, Clone, serde::Serialize)]
 pub struct ModelInfo {
     pub model_dir: String,
-    pub mode: crate::model::settings::Mode,
+    pub mode: crate::model::format::Mode,
     pub n_codes: i64,
     pub dim: i64,
     pub device: String,
@@ -194,7 +195,7 @@ impl Drop for Inference {
 /// N = 100k took 44 ms instead of 36 ms and a context encoding 9 ms instead of 5 ms.
 pub fn start(
     config: &Config,
-    settings: &crate::model::settings::PolySettings,
+    settings: &crate::model::format::PolySettings,
 ) -> Result<(EngineHandle, Inference)> {
     let device = config.device()?;
     let pool = Arc::new(Pool::load(&config.candidates)?);

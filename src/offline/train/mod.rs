@@ -11,10 +11,10 @@ mod adamw;
 pub mod finetune;
 mod head;
 
-use crate::eval::{metrics, Example, Features, Metrics};
-use crate::model::settings::*;
+use crate::offline::eval::{metrics, Example, Features, Metrics};
+use crate::model::format::*;
 use crate::model::PolyEncoder;
-use crate::ranker::Ranker;
+use crate::infer::ranker::Ranker;
 use anyhow::{bail, Context, Result};
 use serde::{Deserialize, Serialize};
 use std::path::{Path, PathBuf};
@@ -284,7 +284,7 @@ fn prepare_out(a: &TrainArgs, copy_encoder: bool) -> Result<PolySettings> {
         Some(m) => {
             s.mode = Mode::Poly;
             s.n_codes = m;
-            crate::testkit::init_head(&a.out, &s, a.seed)?;
+            crate::model::init::init_head(&a.out, &s, a.seed)?;
         }
         None => {
             s.save(&a.out)?;
@@ -315,7 +315,7 @@ fn apply_init_std(a: &TrainArgs, ranker: &mut Ranker) {
 
 /// The valid sets, loaded once.
 fn load_valid(a: &TrainArgs) -> Result<Vec<Vec<Example>>> {
-    a.valid.iter().map(|p| crate::eval::load_examples(p)).collect()
+    a.valid.iter().map(|p| crate::offline::eval::load_examples(p)).collect()
 }
 
 /// Metrics of every set and of all of them together.

@@ -7,7 +7,7 @@
 //! a truncated or corrupted file fails its length or checksum and is never served.
 
 use crate::fingerprint;
-use crate::model::settings::*;
+use crate::model::format::*;
 use anyhow::{bail, Context, Result};
 use sha2::{Digest, Sha256};
 use std::io::Write;

@@ -5,8 +5,8 @@
 use super::batch::vectors;
 use super::{EngineError, Job, Output};
 use crate::model::scoring::{top_k, ContextCodes};
-use crate::ranker::Ranker;
-use crate::tokenizer::TextKind;
+use crate::infer::ranker::Ranker;
+use crate::text::TextKind;
 use std::time::Instant;
 use tch::Tensor;
 use tokenizers::Encoding;

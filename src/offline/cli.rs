@@ -1,8 +1,8 @@
 //! Small command-line jobs (the server has its own module).
 
-use crate::model::settings::*;
-use crate::ranker::Ranker;
-use crate::tokenizer::TextKind;
+use crate::model::format::*;
+use crate::infer::ranker::Ranker;
+use crate::text::TextKind;
 use anyhow::Result;
 use clap::Args;
 use std::path::PathBuf;
@@ -62,7 +62,7 @@ pub fn init_head(a: InitHeadArgs) -> Result<()> {
         s.mode = Mode::Bi;
     }
     s.description = a.description;
-    crate::testkit::init_head(&a.model, &s, a.seed)?;
+    crate::model::init::init_head(&a.model, &s, a.seed)?;
     eprintln!("wrote {} and {}", a.model.join(SETTINGS_FILE).display(), a.model.join(HEAD_FILE).display());
     Ok(())
 }
@@ -92,7 +92,7 @@ fn encoder_identity(r: &Ranker) -> Result<String> {
 }
 
 pub fn eval(a: EvalArgs) -> Result<()> {
-    let mut examples = crate::eval::load_examples(&a.data)?;
+    let mut examples = crate::offline::eval::load_examples(&a.data)?;
     if let Some(n) = a.limit {
         examples.truncate(n);
     }
@@ -100,16 +100,16 @@ pub fn eval(a: EvalArgs) -> Result<()> {
         println!("| model | examples | R@1 ± se | R@5 | R@10 | MRR ± se |");
         println!("|---|---|---|---|---|---|");
     }
-    let mut shared: Option<(String, crate::eval::Features)> = None;
+    let mut shared: Option<(String, crate::offline::eval::Features)> = None;
     for dir in &a.model {
         let ranker = Ranker::load(dir, tch::Device::Cpu)?;
         let id = encoder_identity(&ranker)?;
         if shared.as_ref().is_none_or(|(k, _)| *k != id) || !ranker.model.settings.share_encoders {
-            let f = crate::eval::Features::compute(&ranker, &examples, a.batch_size, !a.json)?;
+            let f = crate::offline::eval::Features::compute(&ranker, &examples, a.batch_size, !a.json)?;
             shared = Some((id, f));
         }
         let features = &shared.as_ref().expect("features computed").1;
-        let m = crate::eval::metrics(&features.ranks(&ranker.model, a.batch_size));
+        let m = crate::offline::eval::metrics(&features.ranks(&ranker.model, a.batch_size));
         if a.json {
             println!("{}", serde_json::json!({"model": dir, "metrics": m}));
         } else {

@@ -1,0 +1,5 @@
+//! Work without a server: evaluation, training, and the small CLI commands.
+
+pub mod cli;
+pub mod eval;
+pub mod train;
