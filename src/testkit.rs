@@ -2,7 +2,7 @@
 //! the `testkit` feature: the tests turn it on (see Cargo.toml's dev-dependencies); the
 //! shipped binary does not carry it.
 
-use crate::model::bert::{Bert, BertConfig};
+use crate::model::bert::{Activation, Bert, BertConfig};
 use crate::model::init::init_head;
 use crate::model::format::*;
 use crate::model::weights::save_vars;
@@ -29,7 +29,7 @@ pub fn tiny_config() -> BertConfig {
         num_hidden_layers: 2,
         num_attention_heads: 4,
         intermediate_size: 64,
-        hidden_act: "gelu".into(),
+        hidden_act: Activation::Gelu,
         max_position_embeddings: 128,
         type_vocab_size: 2,
         layer_norm_eps: 1e-12,

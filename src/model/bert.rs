@@ -1,5 +1,7 @@
-//! A BERT encoder in tch, one struct per block, variables named as in HF checkpoints
-//! (`embeddings.word_embeddings.weight`, `encoder.layer.3.attention.self.query.weight`, …).
+//! A BERT encoder in tch, one struct per block of HF's `modeling_bert.py` (pooler left out:
+//! nothing here reads it). Variables carry their checkpoint names
+//! (`embeddings.word_embeddings.weight`, `encoder.layer.3.attention.self.query.weight`, …),
+//! so HF weights load as they are.
 
 use super::format::{FormatError, CONFIG_FILE};
 use serde::{Deserialize, Serialize};
@@ -13,8 +15,8 @@ pub struct BertConfig {
     pub num_hidden_layers: i64,
     pub num_attention_heads: i64,
     pub intermediate_size: i64,
-    #[serde(default = "default_act")]
-    pub hidden_act: String,
+    #[serde(default)]
+    pub hidden_act: Activation,
     pub max_position_embeddings: i64,
     #[serde(default = "default_type_vocab")]
     pub type_vocab_size: i64,
@@ -24,14 +26,59 @@ pub struct BertConfig {
     pub model_type: Option<String>,
 }
 
-fn default_act() -> String {
-    "gelu".into()
-}
 fn default_type_vocab() -> i64 {
     2
 }
 fn default_eps() -> f64 {
     1e-12
+}
+
+/// `hidden_act`, read as its config.json string; parsing it with the config makes an
+/// unsupported one a load error rather than a surprise in the first forward pass.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(try_from = "String", into = "String")]
+pub enum Activation {
+    #[default]
+    Gelu,
+    /// The tanh approximation of GELU.
+    GeluNew,
+    Relu,
+}
+
+impl Activation {
+    const ALL: [Activation; 3] = [Activation::Gelu, Activation::GeluNew, Activation::Relu];
+
+    fn name(self) -> &'static str {
+        match self {
+            Activation::Gelu => "gelu",
+            Activation::GeluNew => "gelu_new",
+            Activation::Relu => "relu",
+        }
+    }
+
+    fn forward(self, xs: &Tensor) -> Tensor {
+        match self {
+            Activation::Gelu => xs.gelu("none"),
+            Activation::GeluNew => xs.gelu("tanh"),
+            Activation::Relu => xs.relu(),
+        }
+    }
+}
+
+impl TryFrom<String> for Activation {
+    type Error = String;
+    fn try_from(s: String) -> Result<Self, String> {
+        Activation::ALL
+            .into_iter()
+            .find(|a| a.name() == s)
+            .ok_or_else(|| format!("hidden_act `{s}` is not supported (gelu, gelu_new, relu)"))
+    }
+}
+
+impl From<Activation> for String {
+    fn from(a: Activation) -> String {
+        a.name().to_string()
+    }
 }
 
 impl BertConfig {
@@ -46,147 +93,222 @@ impl BertConfig {
                 "hidden_size must be a multiple of num_attention_heads",
             ));
         }
-        if !matches!(c.hidden_act.as_str(), "gelu" | "gelu_new" | "relu") {
-            return Err(FormatError::malformed(
-                &path,
-                format!("hidden_act `{}` is not supported (gelu, gelu_new, relu)", c.hidden_act),
-            ));
-        }
         Ok(c)
     }
-}
-
-/// Word + position + token-type embeddings, then LayerNorm.
-#[derive(Debug)]
-struct Embeddings {
-    word: nn::Embedding,
-    position: nn::Embedding,
-    token_type: nn::Embedding,
-    norm: nn::LayerNorm,
 }
 
 fn layer_norm(p: nn::Path, d: i64, eps: f64) -> nn::LayerNorm {
     nn::layer_norm(p, vec![d], nn::LayerNormConfig { eps, ..Default::default() })
 }
 
-impl Embeddings {
+#[derive(Debug)]
+struct BertEmbeddings {
+    word_embeddings: nn::Embedding,
+    position_embeddings: nn::Embedding,
+    token_type_embeddings: nn::Embedding,
+    layer_norm: nn::LayerNorm,
+}
+
+impl BertEmbeddings {
     fn new(p: nn::Path, c: &BertConfig) -> Self {
         let d = c.hidden_size;
-        Embeddings {
-            word: nn::embedding(&p / "word_embeddings", c.vocab_size, d, Default::default()),
-            position: nn::embedding(&p / "position_embeddings", c.max_position_embeddings, d, Default::default()),
-            token_type: nn::embedding(&p / "token_type_embeddings", c.type_vocab_size, d, Default::default()),
-            norm: layer_norm(&p / "LayerNorm", d, c.layer_norm_eps),
+        BertEmbeddings {
+            word_embeddings: nn::embedding(&p / "word_embeddings", c.vocab_size, d, Default::default()),
+            position_embeddings: nn::embedding(&p / "position_embeddings", c.max_position_embeddings, d, Default::default()),
+            token_type_embeddings: nn::embedding(&p / "token_type_embeddings", c.type_vocab_size, d, Default::default()),
+            layer_norm: layer_norm(&p / "LayerNorm", d, c.layer_norm_eps),
         }
     }
 
-    fn forward(&self, ids: &Tensor, type_ids: &Tensor) -> Tensor {
-        let positions = Tensor::arange(ids.size()[1], (Kind::Int64, ids.device())).unsqueeze(0);
-        let e = self.word.forward(ids) + self.position.forward(&positions) + self.token_type.forward(type_ids);
-        self.norm.forward(&e)
+    fn forward(&self, input_ids: &Tensor, token_type_ids: &Tensor) -> Tensor {
+        let position_ids = Tensor::arange(input_ids.size()[1], (Kind::Int64, input_ids.device())).unsqueeze(0);
+        let embeddings = self.word_embeddings.forward(input_ids)
+            + self.position_embeddings.forward(&position_ids)
+            + self.token_type_embeddings.forward(token_type_ids);
+        self.layer_norm.forward(&embeddings)
     }
 }
 
-/// Multi-head self-attention: softmax(QKᵀ/√d_head + mask) V.
 #[derive(Debug)]
-struct SelfAttention {
+struct BertSelfAttention {
     query: nn::Linear,
     key: nn::Linear,
     value: nn::Linear,
-    heads: i64,
+    num_attention_heads: i64,
 }
 
-impl SelfAttention {
+impl BertSelfAttention {
     fn new(p: nn::Path, c: &BertConfig) -> Self {
         let d = c.hidden_size;
-        SelfAttention {
+        BertSelfAttention {
             query: nn::linear(&p / "query", d, d, Default::default()),
             key: nn::linear(&p / "key", d, d, Default::default()),
             value: nn::linear(&p / "value", d, d, Default::default()),
-            heads: c.num_attention_heads,
+            num_attention_heads: c.num_attention_heads,
         }
     }
 
-    /// `x: [B, n, d]`, `additive_mask: [B, 1, 1, n]` (0 for tokens, large negative for padding).
-    fn forward(&self, x: &Tensor, additive_mask: &Tensor) -> Tensor {
-        let (b, n, d) = x.size3().expect("[B, n, d]");
-        let dh = d / self.heads;
-        let split = |t: Tensor| t.view([b, n, self.heads, dh]).transpose(1, 2);
-        let q = split(self.query.forward(x));
-        let k = split(self.key.forward(x));
-        let v = split(self.value.forward(x));
-        let logits = q.matmul(&k.transpose(-1, -2)) / (dh as f64).sqrt() + additive_mask;
-        let attn = logits.softmax(-1, logits.kind());
-        attn.matmul(&v).transpose(1, 2).contiguous().view([b, n, d])
+    /// `hidden_states: [B, n, d]`, `attention_mask: [B, 1, 1, n]` (see `extended_attention_mask`).
+    fn forward(&self, hidden_states: &Tensor, attention_mask: &Tensor) -> Tensor {
+        let (b, n, d) = hidden_states.size3().expect("[B, n, d]");
+        let dh = d / self.num_attention_heads;
+        let split_heads = |t: Tensor| t.view([b, n, self.num_attention_heads, dh]).transpose(1, 2);
+        let q = split_heads(self.query.forward(hidden_states));
+        let k = split_heads(self.key.forward(hidden_states));
+        let v = split_heads(self.value.forward(hidden_states));
+        let scores = q.matmul(&k.transpose(-1, -2)) / (dh as f64).sqrt() + attention_mask;
+        let probs = scores.softmax(-1, scores.kind());
+        probs.matmul(&v).transpose(1, 2).contiguous().view([b, n, d])
     }
 }
 
-/// Dense + residual + LayerNorm (BERT's "output" blocks).
+/// The dense + residual + LayerNorm that `BertSelfOutput` and `BertOutput` share in HF too;
+/// only their input widths differ.
+fn dense_add_norm(dense: &nn::Linear, layer_norm: &nn::LayerNorm, hidden_states: &Tensor, input_tensor: &Tensor) -> Tensor {
+    layer_norm.forward(&(dense.forward(hidden_states) + input_tensor))
+}
+
 #[derive(Debug)]
-struct ResidualOutput {
+struct BertSelfOutput {
     dense: nn::Linear,
-    norm: nn::LayerNorm,
+    layer_norm: nn::LayerNorm,
 }
 
-impl ResidualOutput {
-    fn new(p: nn::Path, d_in: i64, d: i64, eps: f64) -> Self {
-        ResidualOutput {
-            dense: nn::linear(&p / "dense", d_in, d, Default::default()),
-            norm: layer_norm(&p / "LayerNorm", d, eps),
+impl BertSelfOutput {
+    fn new(p: nn::Path, c: &BertConfig) -> Self {
+        let d = c.hidden_size;
+        BertSelfOutput {
+            dense: nn::linear(&p / "dense", d, d, Default::default()),
+            layer_norm: layer_norm(&p / "LayerNorm", d, c.layer_norm_eps),
         }
     }
-    fn forward(&self, x: &Tensor, residual: &Tensor) -> Tensor {
-        self.norm.forward(&(self.dense.forward(x) + residual))
+
+    fn forward(&self, hidden_states: &Tensor, input_tensor: &Tensor) -> Tensor {
+        dense_add_norm(&self.dense, &self.layer_norm, hidden_states, input_tensor)
     }
 }
 
 #[derive(Debug)]
-struct Layer {
-    attention: SelfAttention,
-    attention_output: ResidualOutput,
-    intermediate: nn::Linear,
-    output: ResidualOutput,
-    act: String,
+struct BertAttention {
+    /// HF's `self` (a Rust keyword).
+    self_attention: BertSelfAttention,
+    output: BertSelfOutput,
 }
 
-impl Layer {
+impl BertAttention {
     fn new(p: nn::Path, c: &BertConfig) -> Self {
-        let (d, i, eps) = (c.hidden_size, c.intermediate_size, c.layer_norm_eps);
-        Layer {
-            attention: SelfAttention::new(&p / "attention" / "self", c),
-            attention_output: ResidualOutput::new(&p / "attention" / "output", d, d, eps),
-            intermediate: nn::linear(&p / "intermediate" / "dense", d, i, Default::default()),
-            output: ResidualOutput::new(&p / "output", i, d, eps),
-            act: c.hidden_act.clone(),
+        BertAttention {
+            self_attention: BertSelfAttention::new(&p / "self", c),
+            output: BertSelfOutput::new(&p / "output", c),
         }
     }
 
-    fn forward(&self, x: &Tensor, additive_mask: &Tensor) -> Tensor {
-        let a = self.attention_output.forward(&self.attention.forward(x, additive_mask), x);
-        let h = self.intermediate.forward(&a);
-        let h = match self.act.as_str() {
-            "relu" => h.relu(),
-            "gelu_new" => h.gelu("tanh"),
-            _ => h.gelu("none"),
-        };
-        self.output.forward(&h, &a)
+    fn forward(&self, hidden_states: &Tensor, attention_mask: &Tensor) -> Tensor {
+        let self_output = self.self_attention.forward(hidden_states, attention_mask);
+        self.output.forward(&self_output, hidden_states)
     }
 }
 
-/// The whole encoder: token ids → contextual token outputs `[B, n, d]`.
+#[derive(Debug)]
+struct BertIntermediate {
+    dense: nn::Linear,
+    intermediate_act_fn: Activation,
+}
+
+impl BertIntermediate {
+    fn new(p: nn::Path, c: &BertConfig) -> Self {
+        BertIntermediate {
+            dense: nn::linear(&p / "dense", c.hidden_size, c.intermediate_size, Default::default()),
+            intermediate_act_fn: c.hidden_act,
+        }
+    }
+
+    fn forward(&self, hidden_states: &Tensor) -> Tensor {
+        self.intermediate_act_fn.forward(&self.dense.forward(hidden_states))
+    }
+}
+
+#[derive(Debug)]
+struct BertOutput {
+    dense: nn::Linear,
+    layer_norm: nn::LayerNorm,
+}
+
+impl BertOutput {
+    fn new(p: nn::Path, c: &BertConfig) -> Self {
+        BertOutput {
+            dense: nn::linear(&p / "dense", c.intermediate_size, c.hidden_size, Default::default()),
+            layer_norm: layer_norm(&p / "LayerNorm", c.hidden_size, c.layer_norm_eps),
+        }
+    }
+
+    fn forward(&self, hidden_states: &Tensor, input_tensor: &Tensor) -> Tensor {
+        dense_add_norm(&self.dense, &self.layer_norm, hidden_states, input_tensor)
+    }
+}
+
+#[derive(Debug)]
+struct BertLayer {
+    attention: BertAttention,
+    intermediate: BertIntermediate,
+    output: BertOutput,
+}
+
+impl BertLayer {
+    fn new(p: nn::Path, c: &BertConfig) -> Self {
+        BertLayer {
+            attention: BertAttention::new(&p / "attention", c),
+            intermediate: BertIntermediate::new(&p / "intermediate", c),
+            output: BertOutput::new(&p / "output", c),
+        }
+    }
+
+    fn forward(&self, hidden_states: &Tensor, attention_mask: &Tensor) -> Tensor {
+        let attention_output = self.attention.forward(hidden_states, attention_mask);
+        let intermediate_output = self.intermediate.forward(&attention_output);
+        self.output.forward(&intermediate_output, &attention_output)
+    }
+}
+
+#[derive(Debug)]
+struct BertEncoder {
+    layer: Vec<BertLayer>,
+}
+
+impl BertEncoder {
+    fn new(p: nn::Path, c: &BertConfig) -> Self {
+        let layer = (0..c.num_hidden_layers).map(|i| BertLayer::new(&p / "layer" / i, c)).collect();
+        BertEncoder { layer }
+    }
+
+    /// HF's forward is `forward_from(.., 0)`.
+    fn forward_from(&self, hidden_states: Tensor, attention_mask: &Tensor, start: usize) -> Tensor {
+        self.layer[start..].iter().fold(hidden_states, |h, layer| layer.forward(&h, attention_mask))
+    }
+}
+
+/// `[B, n]` of 1 (token) / 0 (padding) → additive `[B, 1, 1, n]`. Padding gets a large negative
+/// logit; exp() of it is exactly 0 in fp32, so a padded row gives the same outputs as the same
+/// row alone.
+fn extended_attention_mask(mask: &Tensor, kind: Kind) -> Tensor {
+    let mask = mask.to_kind(kind);
+    (mask.ones_like() - &mask).view([mask.size()[0], 1, 1, mask.size()[1]]) * -1e4
+}
+
+/// HF's `BertModel` without the pooler: token ids → contextual token outputs `[B, n, d]`.
 #[derive(Debug)]
 pub struct Bert {
-    embeddings: Embeddings,
-    layers: Vec<Layer>,
+    embeddings: BertEmbeddings,
+    encoder: BertEncoder,
     pub config: BertConfig,
 }
 
 impl Bert {
     pub fn new(p: nn::Path, c: &BertConfig) -> Self {
-        let layers = (0..c.num_hidden_layers)
-            .map(|i| Layer::new(&p / "encoder" / "layer" / i, c))
-            .collect();
-        Bert { embeddings: Embeddings::new(&p / "embeddings", c), layers, config: c.clone() }
+        // The encoder's variables are created before the embeddings' so that a seeded random
+        // init (testkit's tiny models) draws the same values as it always has.
+        let encoder = BertEncoder::new(&p / "encoder", c);
+        Bert { embeddings: BertEmbeddings::new(&p / "embeddings", c), encoder, config: c.clone() }
     }
 
     /// `mask: [B, n]` with 1 for real tokens and 0 for padding.
@@ -198,17 +320,14 @@ impl Bert {
         self.embeddings.forward(ids, type_ids)
     }
 
-    /// Runs layers `start..` on hidden states; lets training precompute frozen lower layers.
+    /// Runs layers `start..` on `hidden` (the output of `embed`, or of layer `start - 1`), so a
+    /// caller holding lower-layer outputs need not recompute them; nothing in the crate does yet.
     pub fn forward_from(&self, hidden: Tensor, mask: &Tensor, start: usize) -> Tensor {
-        // Padding gets a large negative logit; exp() of it is exactly 0 in fp32, so a padded
-        // row gives the same outputs as the same row alone.
-        let additive = (mask.to_kind(hidden.kind()).ones_like() - mask.to_kind(hidden.kind()))
-            .view([mask.size()[0], 1, 1, mask.size()[1]])
-            * -1e4;
-        self.layers[start..].iter().fold(hidden, |h, layer| layer.forward(&h, &additive))
+        let attention_mask = extended_attention_mask(mask, hidden.kind());
+        self.encoder.forward_from(hidden, &attention_mask, start)
     }
 
     pub fn num_layers(&self) -> usize {
-        self.layers.len()
+        self.encoder.layer.len()
     }
 }
