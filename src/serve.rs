@@ -1,8 +1,7 @@
-//! `polyrank serve`: settings → engine thread → HTTP server, with graceful shutdown.
+//! `polyrank serve`: settings → inference thread → HTTP server, with graceful shutdown.
 
 use crate::config::{Config, ServeArgs};
 use crate::http::{router, shutdown_signal, AppState};
-use crate::text::Tokenizer;
 use anyhow::{Context, Result};
 use std::sync::Arc;
 
@@ -10,11 +9,8 @@ pub fn serve(args: ServeArgs) -> Result<()> {
     let config = Config::resolve(&args)?;
     tracing::info!(config = %serde_json::to_string(&config).unwrap_or_default(), "settings");
     let metrics = crate::metrics::install()?;
-    let settings = crate::model::format::PolySettings::load(config.model_dir())?;
-    config.validate_for(&settings)?;
-    let (engine, inference) = crate::infer::start(&config, &settings)?;
-    let text = Arc::new(Tokenizer::load(config.model_dir(), &settings)?);
-    let state = Arc::new(AppState { engine, text, config: config.clone(), metrics });
+    let (infer, inference) = crate::infer::start(&config)?;
+    let state = Arc::new(AppState { infer, config: config.clone(), metrics });
 
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()

@@ -2,7 +2,7 @@
 //! and its checkpoint loads in eval and serve.
 
 mod common;
-use polyrank::offline::eval::{load_examples, metrics, rank_of, Example};
+use polyrank::offline::eval::{load_examples, rank_metrics, rank_of, Example};
 use polyrank::offline::train::{train, TrainArgs};
 use polyrank::testkit::{tiny_settings, write_tiny_model};
 use std::path::Path;

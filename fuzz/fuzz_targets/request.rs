@@ -4,7 +4,8 @@
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
-use polyrank::http::api::{check_texts, ContextInput, EncodeRequest, RankRequest};
+use polyrank::http::api::{ContextInput, EncodeRequest, RankRequest};
+use polyrank::infer::admission::check_texts;
 use polyrank::model::format::PolySettings;
 use polyrank::text::{Tokenizer, TextKind};
 use std::path::Path;

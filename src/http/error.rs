@@ -93,3 +93,16 @@ impl From<JsonRejection> for ApiError {
         }
     }
 }
+
+impl From<crate::infer::InferError> for ApiError {
+    fn from(e: crate::infer::InferError) -> Self {
+        use crate::infer::InferError as E;
+        match e {
+            E::Validation(m) => ApiError::Validation(m),
+            E::NotReady(m) => ApiError::NotReady(m),
+            E::Overloaded => ApiError::Overloaded,
+            E::Timeout => ApiError::Timeout,
+            E::Failed(m) => ApiError::Internal(m),
+        }
+    }
+}

@@ -5,9 +5,8 @@ pub mod api;
 pub mod error;
 
 use crate::config::Config;
-use crate::infer::EngineHandle;
+use crate::infer::Infer;
 use crate::metrics as m;
-use crate::text::Tokenizer;
 use axum::extract::{MatchedPath, Request, State};
 use axum::http::{header, HeaderName, HeaderValue, Method, StatusCode};
 use axum::middleware::{self, Next};
@@ -26,8 +25,7 @@ use tower_http::trace::{DefaultOnFailure, TraceLayer};
 use tracing::Level;
 
 pub struct AppState {
-    pub engine: EngineHandle,
-    pub text: Arc<Tokenizer>,
+    pub infer: Infer,
     pub config: Config,
     pub metrics: metrics_exporter_prometheus::PrometheusHandle,
 }

@@ -4,9 +4,10 @@
 //! leaves the batch as chunked work.
 
 use super::chunked::{Chunked, Then, CHUNK_TOKENS};
-use super::{Engine, EngineError, Output, Step, Target, Work};
+use super::queue::{JobError, Output, Target, Work};
+use super::worker::{Step, Worker};
 use crate::metrics as m;
-use crate::model::scoring::{top_k, ContextCodes};
+use crate::model::scoring::ContextCodes;
 use crate::text::TextKind;
 use std::collections::HashMap;
 use std::time::Instant;
@@ -38,7 +39,7 @@ impl Distinct {
     }
 }
 
-impl Engine {
+impl Worker {
     pub(super) fn run_batch(&self, works: &[&Work]) -> Vec<Step> {
         let mut out: Vec<Option<Step>> = works.iter().map(|_| None).collect();
         let start = Instant::now();
@@ -75,6 +76,7 @@ impl Engine {
         metrics::histogram!(m::STAGE_SECONDS, "stage" => "inference").record(start.elapsed().as_secs_f64());
 
         let score_start = Instant::now();
+        let model = &self.ranker.model;
         let mut pool_rows: Vec<(usize, i64, i64)> = Vec::new(); // (work, codes row, k)
         for (i, w) in works.iter().enumerate() {
             if out[i].is_some() {
@@ -91,13 +93,13 @@ impl Engine {
                             pool_rows.push((i, row, *top_k));
                             continue;
                         }
-                        Target::Subset(rows) => Step::Done(Ok(Output::Ranked(self.rank_pool_rows(&c, rows, *top_k)))),
+                        Target::Subset(rows) => Step::Done(Ok(Output::Ranked(model.rank_rows(&c, &self.pool_vectors, rows, *top_k)))),
                         Target::Approximate(preselect) => {
-                            let rows = self.ranker.model.preselect(&c, &self.pool_vectors, *preselect);
-                            Step::Done(Ok(Output::Ranked(self.rank_pool_rows(&c, &rows, *top_k))))
+                            Step::Done(Ok(Output::Ranked(model.rank_approximate(&c, &self.pool_vectors, *preselect, *top_k))))
                         }
                         Target::Inline(_) if cand_rows[i].is_some() => {
-                            Step::Done(Ok(Output::Ranked(self.rank_rows(&c, &rows(cand_vectors.as_ref().expect("candidate pass")), *top_k))))
+                            let cands = rows(cand_vectors.as_ref().expect("candidate pass"));
+                            Step::Done(Ok(Output::Ranked(model.rank(&c, &cands, &[*top_k]).swap_remove(0))))
                         }
                         Target::Inline(texts) => {
                             let codes = ContextCodes { y: c.y.copy(), mask: c.mask.copy() };
@@ -105,7 +107,7 @@ impl Engine {
                         }
                     }
                 }
-                _ => Step::Done(Err(EngineError::Failed("work was not handled".into()))),
+                _ => Step::Done(Err(JobError::Failed("work was not handled".into()))),
             };
             out[i] = Some(step);
         }
@@ -113,26 +115,15 @@ impl Engine {
             // All pool rankings of the batch in one kernel call: [B, m, d] × [N, d].
             let rows = Tensor::from_slice(&pool_rows.iter().map(|p| p.1).collect::<Vec<_>>()).to_device(codes.y.device());
             let sub = ContextCodes { y: codes.y.index_select(0, &rows), mask: codes.mask.index_select(0, &rows) };
-            let scores = self.ranker.model.score(&sub, &self.pool_vectors);
-            for (b, &(i, _, k)) in pool_rows.iter().enumerate() {
-                out[i] = Some(Step::Done(Ok(Output::Ranked(top_k(&scores.get(b as i64), k)))));
+            let ks: Vec<i64> = pool_rows.iter().map(|p| p.2).collect();
+            for (ranked, &(i, _, _)) in model.rank(&sub, &self.pool_vectors, &ks).into_iter().zip(&pool_rows) {
+                out[i] = Some(Step::Done(Ok(Output::Ranked(ranked))));
             }
         }
         metrics::histogram!(m::STAGE_SECONDS, "stage" => "score").record(score_start.elapsed().as_secs_f64());
-        out.into_iter().map(|o| o.unwrap_or_else(|| Step::Done(Err(EngineError::Failed("work was not handled".into()))))).collect()
+        out.into_iter().map(|o| o.unwrap_or_else(|| Step::Done(Err(JobError::Failed("work was not handled".into()))))).collect()
     }
 
-    fn rank_rows(&self, codes: &ContextCodes, cands: &Tensor, k: i64) -> Vec<(i64, f32)> {
-        top_k(&self.ranker.model.score(codes, cands).squeeze_dim(0), k)
-    }
-
-    /// Exact ranking of some pool rows; results carry pool row numbers.
-    fn rank_pool_rows(&self, codes: &ContextCodes, rows: &[i64], k: i64) -> Vec<(i64, f32)> {
-        let idx = Tensor::from_slice(rows).to_device(self.pool_vectors.device());
-        let cands = self.pool_vectors.index_select(0, &idx);
-        let ranked = self.rank_rows(codes, &cands, k);
-        ranked.into_iter().map(|(j, s)| (rows[j as usize], s)).collect()
-    }
 }
 
 pub(super) fn vectors(t: &Tensor) -> Output {

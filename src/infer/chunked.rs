@@ -3,9 +3,9 @@
 //! between, and the job is dropped between chunks once nobody waits for it.
 
 use super::batch::vectors;
-use super::{EngineError, Job, Output};
-use crate::model::scoring::{top_k, ContextCodes};
-use crate::infer::ranker::Ranker;
+use super::queue::{Job, JobError, Output};
+use super::ranker::Ranker;
+use crate::model::scoring::ContextCodes;
 use crate::text::TextKind;
 use std::time::Instant;
 use tch::Tensor;
@@ -54,7 +54,7 @@ impl Chunked {
         self.job.as_ref().is_some_and(|j| j.alive(now))
     }
 
-    pub(super) fn answer(mut self, out: Result<Output, EngineError>) {
+    pub(super) fn answer(mut self, out: Result<Output, JobError>) {
         if let Some(j) = self.job.take() {
             let _ = j.reply.send(out);
         }
@@ -79,7 +79,7 @@ impl Chunked {
         }
         let v = Tensor::cat(&self.parts, 0);
         Some(match &self.then {
-            Then::Rank { codes, top_k: k } => Output::Ranked(top_k(&ranker.model.score(codes, &v).squeeze_dim(0), *k)),
+            Then::Rank { codes, top_k } => Output::Ranked(ranker.model.rank(codes, &v, &[*top_k]).swap_remove(0)),
             Then::Vectors => vectors(&v),
         })
     }

@@ -1,465 +1,221 @@
-//! The batching engine: one inference thread owns the model and the encoded pool. Requests
-//! arrive over a bounded channel (full → the caller answers 429); the thread merges waiting
-//! requests into one batch by a token budget, runs each kind of work once per batch, and
-//! answers every request on its own oneshot.
+//! Inference: the typed handle the HTTP layer calls (`Infer::rank`, `Infer::encode`,
+//! `Infer::status`) and the one thread that owns the model and the pool's vectors.
 //!
-//! No request may hold the thread for long: requests whose texts to encode exceed one chunk
-//! are encoded a chunk at a time (`chunked.rs`), between batches of other work, and dropped
-//! between chunks once their deadline passed or their client went away.
+//! `Infer` validates and prices a request (`admission.rs`), tokenizes it off the async
+//! workers, queues it (`queue.rs`) and waits for the inference thread (`worker.rs`), which
+//! batches queued jobs (`batch.rs`), encodes large ones a chunk at a time (`chunked.rs`) and
+//! answers each on its own channel. `Ranker` is the same model and tokenizer without threads,
+//! for eval, training and the CLI.
 
-pub mod ranker;
+pub mod admission;
 mod batch;
 mod chunked;
+mod pool_vectors;
+mod queue;
+pub mod ranker;
+pub mod status;
+mod worker;
 
-use crate::pool::cache::PoolCache;
 use crate::config::Config;
 use crate::metrics as m;
-use crate::pool::Pool;
-use crate::infer::ranker::Ranker;
-use crate::text::TextKind;
-use anyhow::{Context, Result};
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::collections::VecDeque;
-use std::sync::mpsc::{sync_channel, Receiver, RecvTimeoutError, SyncSender, TryRecvError, TrySendError};
-use std::sync::{Arc, Mutex, OnceLock};
+use crate::text::{TextKind, Tokenizer};
+use admission::{check_texts, check_turns, cost, least_tokens, pool_rows, within_budget};
+use anyhow::Result;
+use queue::{JobError, Output, Queue, SubmitError, Target, Work};
+use status::Status;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
-use tch::{Kind, Tensor};
 use tokenizers::Encoding;
-use tokio::sync::oneshot;
+pub use worker::{num_cpus, Inference};
 
-/// What the candidates of a rank request are.
-pub enum Target {
-    /// The whole cached pool.
-    Pool,
-    /// Rows of the pool, by position.
-    Subset(Vec<i64>),
-    /// Texts sent with the request, tokenized.
-    Inline(Vec<Encoding>),
-    /// The pool, approximately: only the `preselect` rows that score best against the mean of
-    /// the context's vectors (a bi-encoder pass, 2·d·N FLOPs instead of 2·m·d·N) are scored
-    /// exactly.
-    Approximate(i64),
-}
-
-pub enum Work {
-    Rank { context: Encoding, target: Target, top_k: i64 },
-    Encode { texts: Vec<Encoding>, kind: TextKind },
-}
-
-pub enum Output {
-    /// `(row, score)` best first; rows index the target's candidates.
-    Ranked(Vec<(i64, f32)>),
-    /// Row-major vectors with their shape: `[B, d]` or `[B, m, d]`.
-    Vectors { shape: Vec<usize>, data: Vec<f32> },
-}
-
+/// Why a request got no answer; the HTTP layer maps each to a status code.
 #[derive(Debug, thiserror::Error)]
-pub enum EngineError {
+pub enum InferError {
+    #[error("{0}")]
+    Validation(String),
+    #[error("{0}")]
+    NotReady(String),
+    #[error("the inference queue is full")]
+    Overloaded,
     #[error("the request's time budget ran out while it waited for the model")]
     Timeout,
-    /// Too much large work already waits for this one to finish inside its deadline.
-    #[error("too much large work is waiting")]
-    Overloaded,
     #[error("inference failed: {0}")]
     Failed(String),
 }
 
-/// The outcome of a job's part of a batch: answered, or its texts go on in chunks.
-enum Step {
-    Done(Result<Output, EngineError>),
-    Chunked(chunked::Chunked),
+/// A ranking request: the context's turns (oldest first) and what to rank against it.
+pub struct RankQuery {
+    pub context: Vec<String>,
+    pub top_k: Option<i64>,
+    /// Texts to rank instead of the pool (ids are their positions).
+    pub candidates: Option<Vec<String>>,
+    /// Pool ids to rank instead of the whole pool.
+    pub ids: Option<Vec<String>>,
+    /// Rank the pool approximately (`approx_preselect`).
+    pub approximate: bool,
+    pub return_text: bool,
 }
 
-pub struct Job {
-    work: Work,
-    deadline: Instant,
-    enqueued: Instant,
-    reply: oneshot::Sender<Result<Output, EngineError>>,
+pub struct Hit {
+    pub id: String,
+    pub score: f32,
+    /// With `return_text`.
+    pub text: Option<String>,
 }
 
-impl Job {
-    /// Still wanted: within its deadline and its client still waiting.
-    fn alive(&self, now: Instant) -> bool {
-        self.deadline > now && !self.reply.is_closed()
-    }
+/// Best first.
+pub struct Ranking(pub Vec<Hit>);
 
-    /// Tokens this job adds to a batch, for the token budget.
-    fn tokens(&self) -> usize {
-        let len = |e: &Encoding| e.get_ids().len();
-        match &self.work {
-            Work::Rank { context, target, .. } => {
-                len(context) + if let Target::Inline(c) = target { c.iter().map(len).sum() } else { 0 }
-            }
-            Work::Encode { texts, .. } => texts.iter().map(len).sum(),
-        }
-    }
+/// Row-major vectors: `[texts, m, d]` for contexts, `[texts, d]` for candidates.
+pub struct Vectors {
+    pub shape: Vec<usize>,
+    pub data: Vec<f32>,
 }
 
-/// Model facts the HTTP layer reports, fixed once the model is loaded.
-#[derive(Debug, Clone, serde::Serialize)]
-pub struct ModelInfo {
-    pub model_dir: String,
-    pub mode: crate::model::format::Mode,
-    pub n_codes: i64,
-    pub dim: i64,
-    pub device: String,
-    pub trained: bool,
-    pub description: String,
-    pub max_context_tokens: usize,
-    pub max_candidate_tokens: usize,
-}
-
-/// Startup progress and the pool text, shared with the HTTP layer.
-#[derive(Default)]
-pub struct Status {
-    ready: AtomicBool,
-    pub encoded: AtomicUsize,
-    pub total: AtomicUsize,
-    pub cache_reused: AtomicBool,
-    failure: Mutex<Option<String>>,
-    pub info: OnceLock<ModelInfo>,
-    pub pool: OnceLock<Arc<Pool>>,
-    /// Set at shutdown: the inference thread stops at its next chunk boundary.
-    stopping: AtomicBool,
-}
-
-impl Status {
-    pub fn is_ready(&self) -> bool {
-        self.ready.load(Ordering::Acquire)
-    }
-    fn stopping(&self) -> bool {
-        self.stopping.load(Ordering::Acquire)
-    }
-    pub fn failure(&self) -> Option<String> {
-        self.failure.lock().unwrap().clone()
-    }
-}
-
+/// The handle: cheap to clone, one per HTTP worker if need be.
 #[derive(Clone)]
-pub struct EngineHandle {
-    tx: SyncSender<Job>,
-    pub status: Arc<Status>,
-}
-
-pub enum SubmitError {
-    Overloaded,
-    Stopped,
-}
-
-impl EngineHandle {
-    /// Queues work; the future resolves when the inference thread answers.
-    pub fn submit(
-        &self,
-        work: Work,
-        deadline: Instant,
-    ) -> Result<oneshot::Receiver<Result<Output, EngineError>>, SubmitError> {
-        let (reply, rx) = oneshot::channel();
-        let job = Job { work, deadline, enqueued: Instant::now(), reply };
-        match self.tx.try_send(job) {
-            Ok(()) => Ok(rx),
-            Err(TrySendError::Full(_)) => Err(SubmitError::Overloaded),
-            Err(TrySendError::Disconnected(_)) => Err(SubmitError::Stopped),
-        }
-    }
-}
-
-/// The running inference thread. `shutdown` stops it between two chunks of work and joins it:
-/// the process must not exit while libtorch runs on it (that ends in a crash, not an exit
-/// code).
-pub struct Inference {
-    thread: Option<std::thread::JoinHandle<()>>,
+pub struct Infer {
+    queue: Queue,
     status: Arc<Status>,
+    tokenizer: Arc<Tokenizer>,
+    config: Arc<Config>,
 }
 
-impl Inference {
-    pub fn shutdown(self) {
-        drop(self)
-    }
-}
-
-/// Also on early error paths (`?` after `start`): never leave the thread running.
-impl Drop for Inference {
-    fn drop(&mut self) {
-        self.status.stopping.store(true, Ordering::Release);
-        if self.thread.take().is_some_and(|t| t.join().is_err()) {
-            tracing::error!("the inference thread panicked");
-        }
-    }
-}
-
-/// Starts the inference thread, which loads the model (a bad model directory fails the start:
-/// this waits for the load), then encodes or loads the pool and starts answering.
-///
-/// Every libtorch call happens on that one thread. Measured on 2 cores: once a second thread
-/// has used libtorch (each thread gets its own OpenMP team), the inference thread's GEMM at
-/// N = 100k took 44 ms instead of 36 ms and a context encoding 9 ms instead of 5 ms.
-pub fn start(
-    config: &Config,
-    settings: &crate::model::format::PolySettings,
-) -> Result<(EngineHandle, Inference)> {
-    let device = config.device()?;
-    let pool = Arc::new(Pool::load(&config.candidates)?);
-    let cache = PoolCache::new(&config.cache_dir, config.model_dir(), settings, &config.candidates)?;
+/// Starts the inference thread (the model is loaded when this returns; the pool is encoded
+/// or read from the cache after) and returns the handle and the thread's owner.
+pub fn start(config: &Config) -> Result<(Infer, Inference)> {
+    let settings = crate::model::format::PolySettings::load(config.model_dir())?;
+    config.validate_for(&settings)?;
+    let tokenizer = Arc::new(Tokenizer::load(config.model_dir(), &settings)?);
     let status = Arc::new(Status::default());
-    status.pool.set(pool.clone()).ok();
-    status.total.store(pool.len(), Ordering::Release);
-    let (tx, rx) = sync_channel(config.queue_capacity);
-    let (loaded_tx, loaded_rx) = std::sync::mpsc::channel::<Result<()>>();
-    let (config, thread_status) = (config.clone(), status.clone());
-    let thread = std::thread::Builder::new().name("inference".into()).spawn(move || {
-        let threads = if config.threads == 0 { num_cpus() } else { config.threads };
-        tch::set_num_threads(threads as i32);
-        let ranker = match Ranker::load(config.model_dir(), device) {
-            Ok(r) => r,
-            Err(e) => {
-                let _ = loaded_tx.send(Err(anyhow::Error::new(e).context(format!("loading model {}", config.model_dir().display()))));
-                return;
-            }
-        };
-        let s = &ranker.model.settings;
-        thread_status
-            .info
-            .set(ModelInfo {
-                model_dir: config.model_dir().display().to_string(),
-                mode: s.mode,
-                n_codes: s.context_vectors(),
-                dim: ranker.model.dim(),
-                device: config.device.clone(),
-                trained: s.trained,
-                description: s.description.clone(),
-                max_context_tokens: s.max_context_tokens,
-                max_candidate_tokens: s.max_candidate_tokens,
-            })
-            .ok();
-        let _ = loaded_tx.send(Ok(()));
-        Engine { ranker, config, status: thread_status, pool_vectors: Tensor::new(), chunk_rate: Default::default() }.run(rx, &pool, &cache)
-    })?;
-    loaded_rx.recv().context("the inference thread ended during the model load")??;
-    Ok((EngineHandle { tx, status: status.clone() }, Inference { thread: Some(thread), status }))
+    let (tx, rx) = std::sync::mpsc::sync_channel(config.queue_capacity);
+    let inference = worker::spawn(config, rx, status.clone())?;
+    let handle = Infer { queue: Queue(tx), status, tokenizer, config: Arc::new(config.clone()) };
+    Ok((handle, inference))
 }
 
-pub fn num_cpus() -> usize {
-    std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1)
-}
-
-struct Engine {
-    ranker: Ranker,
-    config: Config,
-    status: Arc<Status>,
-    /// `[N, d]` on the model's device.
-    pool_vectors: Tensor,
-    /// Measured tokens per second of chunked encoding (0 until the first chunk).
-    chunk_rate: std::cell::Cell<f64>,
-}
-
-impl Engine {
-    fn run(mut self, rx: Receiver<Job>, pool: &Pool, cache: &PoolCache) {
-        let _guard = tch::no_grad_guard();
-        match self.load_pool(pool, cache) {
-            Ok(v) => {
-                let v = if self.config.fp16_candidates { v.to_kind(Kind::Half) } else { v };
-                self.pool_vectors = v.to_device(self.ranker.model.device);
-                metrics::gauge!(m::POOL_SIZE).set(pool.len() as f64);
-                self.status.ready.store(true, Ordering::Release);
-                tracing::info!(candidates = pool.len(), "ready");
-                cache.clean(self.config.cache_keep);
-            }
-            Err(_) if self.status.stopping() => return,
-            Err(e) => {
-                tracing::error!("pool encoding failed: {e:#}");
-                *self.status.failure.lock().unwrap() = Some(format!("{e:#}"));
-                return;
-            }
-        }
-        let mut carry: Option<Job> = None;
-        let mut pending: VecDeque<chunked::Chunked> = VecDeque::new();
-        self.serve(&rx, &mut carry, &mut pending);
-        // Stopping: whoever still waits gets an answer rather than a dropped channel.
-        for c in pending {
-            c.answer(Err(EngineError::Failed("the server is shutting down".into())));
-        }
-        if let Some(j) = carry {
-            let _ = j.reply.send(Err(EngineError::Failed("the server is shutting down".into())));
-        }
+impl Infer {
+    pub fn status(&self) -> &Status {
+        &self.status
     }
 
-    fn serve(&self, rx: &Receiver<Job>, carry: &mut Option<Job>, pending: &mut VecDeque<chunked::Chunked>) {
-        while !self.status.stopping() {
-            let first = match carry.take() {
-                Some(j) => Some(j),
-                // Idle: block, but wake now and then to notice a shutdown.
-                None if pending.is_empty() => match rx.recv_timeout(Duration::from_millis(200)) {
-                    Ok(j) => Some(j),
-                    Err(RecvTimeoutError::Timeout) => None,
-                    Err(RecvTimeoutError::Disconnected) => return, // the server has shut down
-                },
-                // Chunked work waits: take only what is already queued.
-                None => match rx.try_recv() {
-                    Ok(j) => Some(j),
-                    Err(TryRecvError::Empty) => None,
-                    Err(TryRecvError::Disconnected) => return,
-                },
-            };
-            if let Some(first) = first {
-                let batch = self.collect(first, rx, carry);
-                self.process(batch, pending);
-            }
-            self.advance_one(pending);
-        }
-    }
-
-    /// Adds waiting jobs to `first` until the batch is full by count or tokens, or the wait
-    /// window closes. A job that would break the token budget starts the next batch.
-    fn collect(&self, first: Job, rx: &Receiver<Job>, carry: &mut Option<Job>) -> Vec<Job> {
+    pub async fn rank(&self, q: RankQuery) -> Result<Ranking, InferError> {
+        let started = Instant::now();
+        self.ensure_ready()?;
         let c = &self.config;
-        let mut tokens = first.tokens();
-        let mut batch = vec![first];
-        let window_end = Instant::now() + Duration::from_millis(c.max_wait_ms);
-        while batch.len() < c.max_batch_size {
-            let wait = window_end.saturating_duration_since(Instant::now());
-            let next = match rx.try_recv() {
-                Ok(j) => j,
-                Err(_) if wait.is_zero() => break,
-                Err(_) => match rx.recv_timeout(wait) {
-                    Ok(j) => j,
-                    Err(RecvTimeoutError::Timeout) | Err(RecvTimeoutError::Disconnected) => break,
-                },
-            };
-            let t = next.tokens();
-            if tokens + t > c.max_batch_tokens {
-                *carry = Some(next);
-                break;
-            }
-            tokens += t;
-            batch.push(next);
+        let pool = self.status.pool().expect("pool set before ready").clone();
+        check_turns(&q.context, c.max_text_chars)?;
+        let top_k = q.top_k.unwrap_or(c.default_top_k);
+        if !(1..=c.max_top_k).contains(&top_k) {
+            return Err(InferError::Validation(format!("top_k must be between 1 and {}, got {top_k}", c.max_top_k)));
         }
-        batch
+        if q.candidates.is_some() && q.ids.is_some() {
+            return Err(InferError::Validation("give either candidates or ids, not both".into()));
+        }
+        if q.approximate && (q.candidates.is_some() || q.ids.is_some()) {
+            return Err(InferError::Validation("approximate ranks the pool; it cannot be combined with candidates or ids".into()));
+        }
+        let joined = self.tokenizer.join_turns(&q.context);
+        let (max_ctx, max_cand) = self.lengths();
+        let target = match (&q.candidates, &q.ids) {
+            (Some(cands), _) => {
+                check_texts("candidates", cands, c.max_inline_candidates, c.max_text_chars)?;
+                let least = least_tokens(&joined, max_ctx) + cands.iter().map(|t| least_tokens(t, max_cand)).sum::<usize>();
+                within_budget(c.max_request_tokens, least, true)?;
+                Target::Inline(self.tokenize(cands.clone(), TextKind::Candidate).await?)
+            }
+            (None, Some(ids)) => Target::Subset(pool_rows(&pool, ids, c.max_inline_candidates)?),
+            (None, None) if q.approximate => Target::Approximate(c.approx_preselect as i64),
+            (None, None) => Target::Pool,
+        };
+        let context = self.tokenize(vec![joined], TextKind::Context).await?.remove(0);
+        if let Target::Inline(cands) = &target {
+            within_budget(c.max_request_tokens, context.get_ids().len() + cost(cands), false)?;
+        }
+        let Output::Ranked(ranked) = self.run(Work::Rank { context, target, top_k }, started).await? else {
+            return Err(InferError::Failed("a rank job was answered with vectors".into()));
+        };
+        let hits = ranked
+            .into_iter()
+            .map(|(row, score)| {
+                let row = row as usize;
+                let (id, text) = match &q.candidates {
+                    Some(c) => (row.to_string(), &c[row]),
+                    None => (pool.ids[row].clone(), &pool.texts[row]),
+                };
+                Hit { id, score, text: q.return_text.then(|| text.clone()) }
+            })
+            .collect();
+        Ok(Ranking(hits))
     }
 
-    fn process(&self, batch: Vec<Job>, pending: &mut VecDeque<chunked::Chunked>) {
-        let now = Instant::now();
-        metrics::histogram!(m::BATCH_SIZE).record(batch.len() as f64);
-        let (live, dead): (Vec<Job>, Vec<Job>) = batch.into_iter().partition(|j| j.alive(now));
-        for j in dead {
-            let _ = j.reply.send(Err(EngineError::Timeout));
-        }
-        for j in &live {
-            metrics::histogram!(m::STAGE_SECONDS, "stage" => "queue").record((now - j.enqueued).as_secs_f64());
-        }
-        let works: Vec<&Work> = live.iter().map(|j| &j.work).collect();
-        let steps = guarded(|| self.run_batch(&works), live.len());
-        for (j, step) in live.into_iter().zip(steps) {
-            match step {
-                Step::Done(out) => {
-                    let _ = j.reply.send(out);
-                }
-                // Large work that cannot finish inside its deadline behind what already waits
-                // is refused (429, retry later) rather than queued to time out.
-                Step::Chunked(state) if !self.can_finish(pending, &state, j.deadline) => {
-                    let _ = j.reply.send(Err(EngineError::Overloaded));
-                }
-                Step::Chunked(state) => pending.push_back(state.with_job(j)),
-            }
-        }
-    }
-
-    /// Whether `new`, queued behind `pending` (first in, first finished), would be done by
-    /// `deadline` at the encoding rate measured so far (unknown at first: then yes).
-    fn can_finish(&self, pending: &VecDeque<chunked::Chunked>, new: &chunked::Chunked, deadline: Instant) -> bool {
-        let rate = self.chunk_rate.get();
-        if rate <= 0.0 {
-            return true;
-        }
-        let tokens = pending.iter().map(|c| c.remaining_tokens()).sum::<usize>() + new.remaining_tokens();
-        Instant::now() + Duration::from_secs_f64(tokens as f64 / rate) <= deadline
-    }
-
-    /// One chunk of the oldest chunked job still wanted (first in, first finished: jobs
-    /// complete in turn instead of all slowing down together); jobs past their deadline or
-    /// whose client left are dropped here, between chunks, so they free the thread at once.
-    fn advance_one(&self, pending: &mut VecDeque<chunked::Chunked>) {
-        while let Some(mut c) = pending.pop_front() {
-            if !c.alive(Instant::now()) {
-                c.answer(Err(EngineError::Timeout));
-                continue;
-            }
-            let start = Instant::now();
-            let (bs, before) = (self.config.encode_batch_size, c.remaining_tokens());
-            let step = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| c.advance(&self.ranker, bs)));
-            let secs = start.elapsed().as_secs_f64();
-            metrics::histogram!(m::STAGE_SECONDS, "stage" => "inference").record(secs);
-            // Tokens per second of chunked encoding, smoothed: what admission plans with.
-            let rate = (before - c.remaining_tokens()) as f64 / secs.max(1e-6);
-            let old = self.chunk_rate.get();
-            self.chunk_rate.set(if old > 0.0 { 0.8 * old + 0.2 * rate } else { rate });
-            match step {
-                Ok(None) => pending.push_front(c),
-                Ok(Some(out)) => c.answer(Ok(out)),
-                Err(p) => c.answer(Err(EngineError::Failed(panic_message(p)))),
-            }
-            return;
+    pub async fn encode(&self, texts: Vec<String>, kind: TextKind) -> Result<Vectors, InferError> {
+        let started = Instant::now();
+        self.ensure_ready()?;
+        let c = &self.config;
+        check_texts("texts", &texts, c.max_encode_texts, c.max_text_chars)?;
+        let (max_ctx, max_cand) = self.lengths();
+        let max = if kind == TextKind::Context { max_ctx } else { max_cand };
+        within_budget(c.max_request_tokens, texts.iter().map(|t| least_tokens(t, max)).sum(), true)?;
+        let enc = self.tokenize(texts, kind).await?;
+        within_budget(c.max_request_tokens, cost(&enc), false)?;
+        match self.run(Work::Encode { texts: enc, kind }, started).await? {
+            Output::Vectors { shape, data } => Ok(Vectors { shape, data }),
+            Output::Ranked(_) => Err(InferError::Failed("an encode job was answered with a ranking".into())),
         }
     }
 
-    /// The pool's vectors from the cache when it is whole and matches, else encoded now (in
-    /// chunks, with progress in the log) and cached.
-    fn load_pool(&self, pool: &Pool, cache: &PoolCache) -> Result<Tensor> {
-        let d = self.ranker.model.dim() as usize;
+    fn ensure_ready(&self) -> Result<(), InferError> {
+        let s = &self.status;
+        if s.is_ready() {
+            return Ok(());
+        }
+        Err(InferError::NotReady(match s.failure() {
+            Some(f) => format!("pool encoding failed: {f}"),
+            None => {
+                let (encoded, total) = s.progress();
+                format!("encoding the candidate pool, {encoded} of {total} done")
+            }
+        }))
+    }
+
+    fn lengths(&self) -> (usize, usize) {
+        let info = self.status.info().expect("model info set before start returns");
+        (info.max_context_tokens, info.max_candidate_tokens)
+    }
+
+    /// Tokenizing a long text takes real CPU time: keep it off the async workers.
+    async fn tokenize(&self, texts: Vec<String>, kind: TextKind) -> Result<Vec<Encoding>, InferError> {
         let t0 = Instant::now();
-        match cache.load(pool.len(), d) {
-            Ok(v) => {
-                self.status.cache_reused.store(true, Ordering::Release);
-                self.status.encoded.store(pool.len(), Ordering::Release);
-                metrics::gauge!(m::CACHE_REUSED).set(1.0);
-                tracing::info!(path = %cache.path.display(), candidates = pool.len(), ms = t0.elapsed().as_millis() as u64, "pool cache reused");
-                return Ok(v);
-            }
-            Err(e) if cache.path.exists() => tracing::warn!("pool cache not usable, re-encoding: {e:#}"),
-            Err(_) => tracing::info!(path = %cache.path.display(), "no pool cache yet, encoding"),
-        }
-        metrics::gauge!(m::CACHE_REUSED).set(0.0);
-        let chunk = (self.config.encode_batch_size * 8).max(1);
-        let mut parts = Vec::new();
-        let mut last_log = Instant::now();
-        for start in (0..pool.len()).step_by(chunk) {
-            anyhow::ensure!(!self.status.stopping(), "stopped while encoding the pool");
-            let texts = &pool.texts[start..(start + chunk).min(pool.len())];
-            let enc = self.ranker.tokenize(texts, TextKind::Candidate).map_err(anyhow::Error::msg)?;
-            parts.push(self.ranker.candidate_vectors(&enc, self.config.encode_batch_size));
-            let done = start + texts.len();
-            self.status.encoded.store(done, Ordering::Release);
-            metrics::counter!(m::POOL_ENCODED).increment(texts.len() as u64);
-            if last_log.elapsed() >= Duration::from_secs(2) || done == pool.len() {
-                let rate = done as f64 / t0.elapsed().as_secs_f64().max(1e-9);
-                let eta = (pool.len() - done) as f64 / rate.max(1e-9);
-                tracing::info!(done, total = pool.len(), rate = format!("{rate:.0}/s"), eta = format!("{eta:.0}s"), "encoding pool");
-                last_log = Instant::now();
-            }
-        }
-        let v = Tensor::cat(&parts, 0);
-        tracing::info!(candidates = pool.len(), secs = format!("{:.1}", t0.elapsed().as_secs_f64()), "pool encoded");
-        match cache.store(&v) {
-            Ok(()) => tracing::info!(path = %cache.path.display(), "pool cache written"),
-            // A read-only cache directory costs the next start time, not this one's service.
-            Err(e) => tracing::warn!("pool cache not written: {e:#}"),
-        }
-        Ok(v)
+        let tokenizer = self.tokenizer.clone();
+        let enc = tokio::task::spawn_blocking(move || tokenizer.tokenize(&texts, kind))
+            .await
+            .map_err(|e| InferError::Failed(e.to_string()))?
+            .map_err(|e| InferError::Validation(format!("cannot tokenize: {e}")))?;
+        metrics::histogram!(m::STAGE_SECONDS, "stage" => "tokenize").record(t0.elapsed().as_secs_f64());
+        Ok(enc)
     }
-}
 
-/// Runs `f`, turning a panic (tch turns libtorch exceptions into panics) into a failed
-/// answer for each of the `n` jobs: one bad batch must not take the thread.
-fn guarded(f: impl FnOnce() -> Vec<Step>, n: usize) -> Vec<Step> {
-    std::panic::catch_unwind(std::panic::AssertUnwindSafe(f)).unwrap_or_else(|p| {
-        let msg = panic_message(p);
-        tracing::error!("batch failed: {msg}");
-        (0..n).map(|_| Step::Done(Err(EngineError::Failed(msg.clone())))).collect()
-    })
-}
-
-fn panic_message(p: Box<dyn std::any::Any + Send>) -> String {
-    p.downcast_ref::<String>()
-        .cloned()
-        .or_else(|| p.downcast_ref::<&str>().map(|s| s.to_string()))
-        .unwrap_or_else(|| "panic in libtorch".into())
+    /// Queues the work and waits for its answer until the request's deadline.
+    async fn run(&self, work: Work, started: Instant) -> Result<Output, InferError> {
+        let deadline = started + Duration::from_millis(self.config.request_timeout_ms);
+        let rx = self.queue.submit(work, deadline).map_err(|e| match e {
+            SubmitError::Full => {
+                metrics::counter!(m::REJECTED).increment(1);
+                InferError::Overloaded
+            }
+            SubmitError::Stopped => InferError::NotReady("the inference thread has stopped".into()),
+        })?;
+        match tokio::time::timeout(deadline.saturating_duration_since(Instant::now()), rx).await {
+            Err(_) => Err(InferError::Timeout),
+            Ok(Err(_)) => Err(InferError::Failed("the inference thread dropped the request".into())),
+            Ok(Ok(Err(JobError::Timeout))) => Err(InferError::Timeout),
+            Ok(Ok(Err(JobError::Overloaded))) => {
+                metrics::counter!(m::REJECTED).increment(1);
+                Err(InferError::Overloaded)
+            }
+            Ok(Ok(Err(JobError::Failed(e)))) => Err(InferError::Failed(e)),
+            Ok(Ok(Ok(out))) => Ok(out),
+        }
+    }
 }

@@ -1,7 +1,7 @@
 //! Text in, vectors and rankings out: the tokenizer and the model together, no threads.
 //! Callers hold a no-grad guard (the inference thread sets one for its whole life).
 
-use crate::model::scoring::{top_k, ContextCodes};
+use crate::model::scoring::ContextCodes;
 use crate::model::format::FormatError;
 use crate::model::PolyEncoder;
 use crate::text::{to_batch, Tokenizer, TextKind};
@@ -65,6 +65,6 @@ impl Ranker {
         let joined = self.text.join_turns(context);
         let enc = self.tokenize(&[joined], TextKind::Context)?;
         let codes = self.context_codes(&enc, 1);
-        Ok(top_k(&self.model.score(&codes, candidates).squeeze_dim(0), k))
+        Ok(self.model.rank(&codes, candidates, &[k]).swap_remove(0))
     }
 }

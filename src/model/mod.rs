@@ -14,7 +14,7 @@ use poly::PolyHead;
 use scoring::ContextCodes;
 use format::*;
 use std::path::{Path, PathBuf};
-use tch::{nn::VarStore, Device, Tensor};
+use tch::{nn::VarStore, Device, Kind, Tensor};
 
 pub struct PolyEncoder {
     pub settings: PolySettings,
@@ -101,16 +101,42 @@ impl PolyEncoder {
         scoring::score(codes, candidates, &self.head.candidate_attention)
     }
 
-    /// Approximate ranking's first stage: the `k` rows of `pool` with the best dot product
-    /// against the masked mean of one context's vectors (a bi-encoder pass, 2·d·N FLOPs
-    /// instead of 2·m·d·N), in no particular order.
-    pub fn preselect(&self, codes: &ContextCodes, pool: &Tensor, k: i64) -> Vec<i64> {
+    /// The context codes of token outputs computed earlier (one `[n_i, d]` tensor per
+    /// context, padding removed): the head alone, as head-only training and eval run it.
+    pub fn codes_from_tokens(&self, contexts: &[Tensor]) -> ContextCodes {
+        let lens: Vec<i64> = contexts.iter().map(|t| t.size()[0]).collect();
+        let h = Tensor::pad_sequence(contexts, true, 0.0, "right");
+        let l = h.size()[1];
+        let lens = Tensor::from_slice(&lens).to_device(h.device()).unsqueeze(1);
+        let mask = Tensor::arange(l, (Kind::Int64, h.device())).unsqueeze(0).lt_tensor(&lens).to_kind(Kind::Int64);
+        self.head.context_codes(&h, &mask)
+    }
+
+    /// Ranking, the one place it is written: for context b of `codes`, the best `top_k[b]`
+    /// rows of `candidates`, best first, with their scores.
+    pub fn rank(&self, codes: &ContextCodes, candidates: &Tensor, top_k: &[i64]) -> Vec<Vec<(i64, f32)>> {
+        let scores = self.score(codes, candidates);
+        top_k.iter().enumerate().map(|(b, &k)| scoring::top_k(&scores.get(b as i64), k)).collect()
+    }
+
+    /// One context against some rows of `pool`; results carry pool row numbers.
+    pub fn rank_rows(&self, codes: &ContextCodes, pool: &Tensor, rows: &[i64], k: i64) -> Vec<(i64, f32)> {
+        let idx = Tensor::from_slice(rows).to_device(pool.device());
+        let ranked = self.rank(codes, &pool.index_select(0, &idx), &[k]).swap_remove(0);
+        ranked.into_iter().map(|(j, s)| (rows[j as usize], s)).collect()
+    }
+
+    /// One context against `pool`, approximately: only the `preselect` rows with the best dot
+    /// product against the masked mean of the context's vectors (a bi-encoder pass, 2·d·N
+    /// FLOPs instead of 2·m·d·N) are scored exactly.
+    pub fn rank_approximate(&self, codes: &ContextCodes, pool: &Tensor, preselect: i64, k: i64) -> Vec<(i64, f32)> {
         let kind = codes.y.kind();
         let mask = codes.mask.to_kind(kind).unsqueeze(-1); // [1, m, 1]
         let mean = (&codes.y * &mask).sum_dim_intlist(1, false, kind) / mask.sum(kind).clamp_min(1.0); // [1, d]
         let pre = pool.matmul(&mean.to_kind(pool.kind()).transpose(0, 1)).squeeze_dim(-1); // [N]
-        let (_, idx) = pre.topk(k.min(pool.size()[0]), -1, true, false);
-        Vec::try_from(idx.to_device(tch::Device::Cpu)).unwrap_or_default()
+        let (_, idx) = pre.topk(preselect.min(pool.size()[0]), -1, true, false);
+        let rows: Vec<i64> = Vec::try_from(idx.to_device(tch::Device::Cpu)).unwrap_or_default();
+        self.rank_rows(codes, pool, &rows, k)
     }
 }
 

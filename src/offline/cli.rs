@@ -109,7 +109,7 @@ pub fn eval(a: EvalArgs) -> Result<()> {
             shared = Some((id, f));
         }
         let features = &shared.as_ref().expect("features computed").1;
-        let m = crate::offline::eval::metrics(&features.ranks(&ranker.model, a.batch_size));
+        let m = crate::offline::eval::rank_metrics(&features.ranks(&ranker.model, a.batch_size));
         if a.json {
             println!("{}", serde_json::json!({"model": dir, "metrics": m}));
         } else {

@@ -5,7 +5,6 @@
 //! N = 1, `your persona:` lines folded into the context). The frozen encoders run once per
 //! distinct text (`Features`); the head then scores — so training re-scores cheaply each epoch.
 
-use crate::model::scoring::ContextCodes;
 use crate::model::PolyEncoder;
 use crate::infer::ranker::Ranker;
 use crate::text::{to_batch, TextKind};
@@ -90,7 +89,7 @@ pub fn parse_convai2(text: &str, path: &Path) -> Result<Vec<Example>> {
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
-pub struct Metrics {
+pub struct RankMetrics {
     pub examples: usize,
     pub r_at_1: f64,
     pub r_at_5: f64,
@@ -104,13 +103,13 @@ pub struct Metrics {
 }
 
 /// From 1-based ranks of the true candidate.
-pub fn metrics(ranks: &[usize]) -> Metrics {
+pub fn rank_metrics(ranks: &[usize]) -> RankMetrics {
     let n = ranks.len().max(1) as f64;
     let within = |k: usize| ranks.iter().filter(|&&r| r <= k).count() as f64 / n;
     let r1 = within(1);
     let mrr = ranks.iter().map(|&r| 1.0 / r as f64).sum::<f64>() / n;
     let mrr_var = ranks.iter().map(|&r| (1.0 / r as f64 - mrr).powi(2)).sum::<f64>() / (n - 1.0).max(1.0);
-    Metrics {
+    RankMetrics {
         examples: ranks.len(),
         r_at_1: r1,
         r_at_5: within(5),
@@ -177,7 +176,7 @@ impl Features {
         let mut ranks = Vec::with_capacity(self.labels.len());
         for start in (0..self.contexts.len()).step_by(batch.max(1)) {
             let end = (start + batch).min(self.contexts.len());
-            let codes = head_codes(model, &self.contexts[start..end]);
+            let codes = model.codes_from_tokens(&self.contexts[start..end]);
             for i in start..end {
                 let cands = self.candidates.index_select(0, &self.rows[i]);
                 let s = model.score(&codes.select((i - start) as i64), &cands).squeeze_dim(0);
@@ -208,15 +207,6 @@ pub fn context_tokens(model: &PolyEncoder, ranker: &Ranker, texts: &[String], ba
     Ok(out.into_iter().map(|t| t.expect("every text encoded")).collect())
 }
 
-/// Pads precomputed token outputs into a batch and runs the poly head on them.
-pub fn head_codes(model: &PolyEncoder, contexts: &[Tensor]) -> ContextCodes {
-    let lens: Vec<i64> = contexts.iter().map(|t| t.size()[0]).collect();
-    let h = Tensor::pad_sequence(contexts, true, 0.0, "right");
-    let l = h.size()[1];
-    let mask = Tensor::arange(l, (Kind::Int64, h.device())).unsqueeze(0).lt_tensor(&Tensor::from_slice(&lens).to_device(h.device()).unsqueeze(1)).to_kind(Kind::Int64);
-    model.head.context_codes(&h, &mask)
-}
-
 pub fn progress_bar(show: bool, len: u64, msg: &'static str) -> indicatif::ProgressBar {
     if !show {
         return indicatif::ProgressBar::hidden();
@@ -232,7 +222,7 @@ pub fn progress_bar(show: bool, len: u64, msg: &'static str) -> indicatif::Progr
 }
 
 /// One model on a set of examples, in one call.
-pub fn evaluate(ranker: &Ranker, examples: &[Example], batch: usize, progress: bool) -> Result<Metrics> {
+pub fn evaluate(ranker: &Ranker, examples: &[Example], batch: usize, progress: bool) -> Result<RankMetrics> {
     let f = Features::compute(ranker, examples, batch, progress)?;
-    Ok(metrics(&f.ranks(&ranker.model, batch)))
+    Ok(rank_metrics(&f.ranks(&ranker.model, batch)))
 }

@@ -3,7 +3,7 @@
 //! matrix. Each epoch writes a checkpoint.
 
 use super::{apply_init_std, load_pairs, load_state, load_valid, log_entry, prepare_out, save_settings_and_state, score_valid, Pair, TrainArgs, TrainState};
-use crate::offline::eval::{context_tokens, head_codes, progress_bar, Features};
+use crate::offline::eval::{context_tokens, progress_bar, Features};
 use crate::model::format::*;
 use crate::infer::ranker::Ranker;
 use crate::text::TextKind;
@@ -120,7 +120,7 @@ fn load_features(path: &Path, key: &str) -> Option<(Vec<Tensor>, Tensor)> {
 /// plus optional random extra negatives.
 fn step_loss(ranker: &Ranker, contexts: &[Tensor], cands: &Tensor, batch: &[i64], extra: usize, n: i64, scale: f64) -> Tensor {
     let ctx: Vec<Tensor> = batch.iter().map(|&i| contexts[i as usize].shallow_clone()).collect();
-    let codes = head_codes(&ranker.model, &ctx);
+    let codes = ranker.model.codes_from_tokens(&ctx);
     let mut rows = batch.to_vec();
     if extra > 0 {
         let r: Vec<i64> = Vec::try_from(Tensor::randint(n, [extra as i64], (Kind::Int64, Device::Cpu))).unwrap_or_default();

@@ -11,7 +11,7 @@ mod adamw;
 pub mod finetune;
 mod head;
 
-use crate::offline::eval::{metrics, Example, Features, Metrics};
+use crate::offline::eval::{rank_metrics, Example, Features, RankMetrics};
 use crate::model::format::*;
 use crate::model::PolyEncoder;
 use crate::infer::ranker::Ranker;
@@ -184,10 +184,10 @@ pub struct EpochLog {
     /// Mean training loss since the previous entry.
     pub loss: f64,
     /// All valid sets together.
-    pub valid: Option<Metrics>,
+    pub valid: Option<RankMetrics>,
     /// Each valid set, in --valid order.
     #[serde(default)]
-    pub valid_sets: Vec<Metrics>,
+    pub valid_sets: Vec<RankMetrics>,
     pub seconds: f64,
 }
 
@@ -200,7 +200,7 @@ pub struct TrainState {
     pub seed: i64,
     pub history: Vec<EpochLog>,
     /// Held-out metrics before the first step.
-    pub initial_valid: Option<Metrics>,
+    pub initial_valid: Option<RankMetrics>,
     pub precompute_seconds: f64,
     /// Fine-tuning: training seconds so far (over all invocations) and pairs per second.
     #[serde(default)]
@@ -318,17 +318,17 @@ fn load_valid(a: &TrainArgs) -> Result<Vec<Vec<Example>>> {
     a.valid.iter().map(|p| crate::offline::eval::load_examples(p)).collect()
 }
 
-/// Metrics of every set and of all of them together.
-fn score_valid(model: &PolyEncoder, features: &[Features]) -> Option<(Metrics, Vec<Metrics>)> {
+/// R@k and MRR of every set and of all of them together.
+fn score_valid(model: &PolyEncoder, features: &[Features]) -> Option<(RankMetrics, Vec<RankMetrics>)> {
     if features.is_empty() {
         return None;
     }
     let ranks: Vec<Vec<usize>> = features.iter().map(|f| f.ranks(model, 64)).collect();
     let all: Vec<usize> = ranks.iter().flatten().copied().collect();
-    Some((metrics(&all), ranks.iter().map(|r| metrics(r)).collect()))
+    Some((rank_metrics(&all), ranks.iter().map(|r| rank_metrics(r)).collect()))
 }
 
-fn log_entry(epoch: usize, loss: f64, valid: Option<(Metrics, Vec<Metrics>)>, seconds: f64) -> EpochLog {
+fn log_entry(epoch: usize, loss: f64, valid: Option<(RankMetrics, Vec<RankMetrics>)>, seconds: f64) -> EpochLog {
     let (valid, valid_sets) = match valid {
         Some((m, sets)) => (Some(m), sets),
         None => (None, Vec::new()),

@@ -1,0 +1,87 @@
+//! Whether a request may reach the model: text limits, and its cost in tokens against the
+//! per-request budget (`max_request_tokens`). Refusals are `InferError::Validation` (422).
+
+use super::InferError;
+use crate::pool::Pool;
+
+fn check_text(what: &str, t: &str, max_chars: usize) -> Result<(), InferError> {
+    if t.trim().is_empty() {
+        return Err(InferError::Validation(format!("{what} is empty")));
+    }
+    let n = t.chars().count();
+    if n > max_chars {
+        return Err(InferError::Validation(format!("{what} has {n} characters; the limit is {max_chars}")));
+    }
+    Ok(())
+}
+
+/// A context of at least one turn, each valid.
+pub(super) fn check_turns(turns: &[String], max_chars: usize) -> Result<(), InferError> {
+    if turns.is_empty() {
+        return Err(InferError::Validation("context has no turns".into()));
+    }
+    for (i, t) in turns.iter().enumerate() {
+        check_text(&format!("context turn {i}"), t, max_chars)?;
+    }
+    Ok(())
+}
+
+/// A list of 1..=max_items texts, each valid.
+pub fn check_texts(what: &str, texts: &[String], max_items: usize, max_chars: usize) -> Result<(), InferError> {
+    if texts.is_empty() || texts.len() > max_items {
+        return Err(InferError::Validation(format!("{what} must hold between 1 and {max_items} texts, got {}", texts.len())));
+    }
+    for (i, t) in texts.iter().enumerate() {
+        check_text(&format!("{what}[{i}]"), t, max_chars)?;
+    }
+    Ok(())
+}
+
+/// A cheap lower bound, before tokenizing, on the tokens a text costs once truncated to
+/// `max`: every whitespace-separated word with an ASCII letter or digit yields at least one
+/// token (no normaliser removes those; other scripts' letters or marks might be stripped);
+/// 2 for [CLS] and [SEP].
+pub(super) fn least_tokens(text: &str, max: usize) -> usize {
+    let words = text.split_whitespace().filter(|w| w.bytes().any(|b| b.is_ascii_alphanumeric())).count();
+    (words + 2).min(max)
+}
+
+/// The per-request budget: a request whose texts cost more is refused before it reaches the
+/// model. `at_least` when `cost` is a lower bound.
+pub(super) fn within_budget(budget: usize, cost: usize, at_least: bool) -> Result<(), InferError> {
+    if cost <= budget {
+        return Ok(());
+    }
+    Err(InferError::Validation(format!(
+        "this request costs {}{cost} tokens (context and candidates after truncation); the per-request budget is {budget} (max_request_tokens): send fewer or shorter texts",
+        if at_least { "at least " } else { "" }
+    )))
+}
+
+pub(super) fn cost(enc: &[tokenizers::Encoding]) -> usize {
+    enc.iter().map(|e| e.get_ids().len()).sum()
+}
+
+/// Pool rows of the requested ids; every unknown id is reported.
+pub(super) fn pool_rows(pool: &Pool, ids: &[String], max: usize) -> Result<Vec<i64>, InferError> {
+    if ids.is_empty() || ids.len() > max {
+        return Err(InferError::Validation(format!("ids must hold between 1 and {max} ids, got {}", ids.len())));
+    }
+    let mut seen = std::collections::HashSet::with_capacity(ids.len());
+    if let Some(dup) = ids.iter().find(|id| !seen.insert(id.as_str())) {
+        return Err(InferError::Validation(format!("id {dup:?} is given more than once")));
+    }
+    let mut rows = Vec::with_capacity(ids.len());
+    let mut unknown = Vec::new();
+    for id in ids {
+        match pool.position(id) {
+            Some(r) => rows.push(r as i64),
+            None => unknown.push(id.as_str()),
+        }
+    }
+    if !unknown.is_empty() {
+        let shown: Vec<&str> = unknown.iter().take(10).copied().collect();
+        return Err(InferError::Validation(format!("{} ids are not in the pool: {shown:?}", unknown.len())));
+    }
+    Ok(rows)
+}

@@ -1,0 +1,84 @@
+//! What the rest of the process may know about the inference thread: startup progress,
+//! readiness or the failure that ended it, the model's facts and the pool's texts.
+
+use crate::model::format::Mode;
+use crate::pool::Pool;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, OnceLock};
+
+/// Model facts reported by /info, fixed once the model is loaded.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct ModelInfo {
+    pub model_dir: String,
+    pub mode: Mode,
+    pub n_codes: i64,
+    pub dim: i64,
+    pub device: String,
+    pub trained: bool,
+    pub description: String,
+    pub max_context_tokens: usize,
+    pub max_candidate_tokens: usize,
+}
+
+/// Written by the inference thread, read by anyone holding the handle.
+#[derive(Default)]
+pub struct Status {
+    ready: AtomicBool,
+    encoded: AtomicUsize,
+    total: AtomicUsize,
+    cache_reused: AtomicBool,
+    failure: Mutex<Option<String>>,
+    info: OnceLock<ModelInfo>,
+    pool: OnceLock<Arc<Pool>>,
+    /// Set at shutdown: the inference thread stops at its next chunk boundary.
+    stopping: AtomicBool,
+}
+
+impl Status {
+    pub fn is_ready(&self) -> bool {
+        self.ready.load(Ordering::Acquire)
+    }
+    pub fn failure(&self) -> Option<String> {
+        self.failure.lock().unwrap().clone()
+    }
+    /// Pool candidates encoded so far, and the pool's size.
+    pub fn progress(&self) -> (usize, usize) {
+        (self.encoded.load(Ordering::Acquire), self.total.load(Ordering::Acquire))
+    }
+    pub fn cache_reused(&self) -> bool {
+        self.cache_reused.load(Ordering::Acquire)
+    }
+    /// Set before the server starts: the model loads before `start` returns.
+    pub fn info(&self) -> Option<&ModelInfo> {
+        self.info.get()
+    }
+    pub fn pool(&self) -> Option<&Arc<Pool>> {
+        self.pool.get()
+    }
+
+    pub(super) fn stopping(&self) -> bool {
+        self.stopping.load(Ordering::Acquire)
+    }
+    pub(super) fn stop(&self) {
+        self.stopping.store(true, Ordering::Release)
+    }
+    pub(super) fn set_pool(&self, pool: Arc<Pool>) {
+        self.total.store(pool.len(), Ordering::Release);
+        self.pool.set(pool).ok();
+    }
+    pub(super) fn set_info(&self, info: ModelInfo) {
+        self.info.set(info).ok();
+    }
+    pub(super) fn set_encoded(&self, n: usize) {
+        self.encoded.store(n, Ordering::Release)
+    }
+    pub(super) fn set_cache_reused(&self) {
+        self.cache_reused.store(true, Ordering::Release)
+    }
+    pub(super) fn set_ready(&self) {
+        self.ready.store(true, Ordering::Release)
+    }
+    pub(super) fn set_failure(&self, f: String) {
+        *self.failure.lock().unwrap() = Some(f);
+    }
+}
