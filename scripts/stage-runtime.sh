@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Stages what the runtime image holds into OUT: the binary, the libtorch libraries it loads
 # (resolved by ldd from the venv), the default model with links resolved, the default pool
-# and config. The Dockerfile runs this; so does tests/docker_stage.sh, which then runs the
+# and config. The Dockerfile runs this; so does tests/reliability.rs, which then runs the
 # staged tree without the build tree, so the image's contents are checked without a daemon.
 set -euo pipefail
 out=${1:?usage: stage-runtime.sh OUT}

@@ -206,7 +206,7 @@ impl Config {
 
     /// Checks that need the model's settings: one context and one candidate of the longest
     /// the model reads must fit the per-request budget.
-    pub fn validate_for(&self, s: &crate::model::format::PolySettings) -> Result<()> {
+    pub(crate) fn validate_for(&self, s: &crate::model::format::PolySettings) -> Result<()> {
         let least = s.max_context_tokens + s.max_candidate_tokens;
         anyhow::ensure!(
             self.max_request_tokens >= least,
@@ -221,13 +221,13 @@ impl Config {
     }
 
     /// Paths in the config file are relative to the working directory, like flags.
-    pub fn model_dir(&self) -> &Path {
+    pub(crate) fn model_dir(&self) -> &Path {
         &self.model_dir
     }
 }
 
 /// `cpu`, `cuda` or `cuda:N`, and for CUDA a device this host has.
-pub fn parse_device(s: &str) -> Result<tch::Device> {
+pub(crate) fn parse_device(s: &str) -> Result<tch::Device> {
     let index = match s {
         "cpu" => return Ok(tch::Device::Cpu),
         "cuda" => 0,

@@ -11,7 +11,7 @@ use std::path::{Path, PathBuf};
 
 /// Streams a file into the hash, length-prefixed so two different splits of the same bytes
 /// into files hash differently.
-pub fn hash_file(h: &mut Sha256, path: &Path) -> Result<()> {
+pub(crate) fn hash_file(h: &mut Sha256, path: &Path) -> Result<()> {
     let mut f = std::fs::File::open(path).with_context(|| format!("hashing {}", path.display()))?;
     let mut buf = vec![0u8; 1 << 20];
     h.update(f.metadata()?.len().to_le_bytes());
@@ -26,7 +26,7 @@ pub fn hash_file(h: &mut Sha256, path: &Path) -> Result<()> {
 
 /// The encoder side of a model directory: config, weights and tokenizer, and the candidate
 /// encoder's when it has its own.
-pub fn encoder_files(dir: &Path, settings: &PolySettings) -> Vec<PathBuf> {
+pub(crate) fn encoder_files(dir: &Path, settings: &PolySettings) -> Vec<PathBuf> {
     let mut files = vec![dir.join(CONFIG_FILE), dir.join(WEIGHTS_FILE), dir.join(TOKENIZER_FILE)];
     if !settings.share_encoders {
         files.push(dir.join(CANDIDATE_ENCODER_DIR).join(CONFIG_FILE));

@@ -7,7 +7,7 @@ pub mod config;
 pub mod fingerprint;
 pub mod http;
 pub mod infer;
-pub mod metrics;
+pub(crate) mod metrics;
 pub mod model;
 pub mod offline;
 pub mod pool;

@@ -3,22 +3,22 @@
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
 
 pub const REQUESTS: &str = "polyrank_requests_total";
-pub const REQUEST_SECONDS: &str = "polyrank_request_duration_seconds";
+pub(crate) const REQUEST_SECONDS: &str = "polyrank_request_duration_seconds";
 /// Per-stage latency, label `stage`: tokenize, queue, inference, score.
-pub const STAGE_SECONDS: &str = "polyrank_stage_duration_seconds";
-pub const BATCH_SIZE: &str = "polyrank_batch_size";
-pub const POOL_SIZE: &str = "polyrank_pool_size";
-pub const POOL_ENCODED: &str = "polyrank_pool_encoded_total";
+pub(crate) const STAGE_SECONDS: &str = "polyrank_stage_duration_seconds";
+pub(crate) const BATCH_SIZE: &str = "polyrank_batch_size";
+pub(crate) const POOL_SIZE: &str = "polyrank_pool_size";
+pub(crate) const POOL_ENCODED: &str = "polyrank_pool_encoded_total";
 /// 1 when the pool came from the cache file at startup, 0 when it was encoded.
-pub const CACHE_REUSED: &str = "polyrank_pool_cache_reused";
-pub const REJECTED: &str = "polyrank_queue_rejected_total";
+pub(crate) const CACHE_REUSED: &str = "polyrank_pool_cache_reused";
+pub(crate) const REJECTED: &str = "polyrank_queue_rejected_total";
 
 const LATENCY_BUCKETS: &[f64] =
     &[0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0];
 const BATCH_BUCKETS: &[f64] = &[1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0];
 
 /// Installs the process-wide recorder; call once.
-pub fn install() -> anyhow::Result<PrometheusHandle> {
+pub(crate) fn install() -> anyhow::Result<PrometheusHandle> {
     let handle = PrometheusBuilder::new()
         .set_buckets_for_metric(Matcher::Suffix("_seconds".into()), LATENCY_BUCKETS)?
         .set_buckets_for_metric(Matcher::Full(BATCH_SIZE.into()), BATCH_BUCKETS)?

@@ -72,7 +72,7 @@ impl Tokenizer {
 }
 
 /// Pads encodings to the longest one.
-pub fn to_batch(encodings: &[&Encoding], device: Device) -> Batch {
+pub(crate) fn to_batch(encodings: &[&Encoding], device: Device) -> Batch {
     let b = encodings.len() as i64;
     let l = encodings.iter().map(|e| e.get_ids().len()).max().unwrap_or(0).max(1);
     let mut ids = vec![0i64; encodings.len() * l];

@@ -9,12 +9,12 @@ use std::path::Path;
 
 #[test]
 fn metrics_of_known_ranks() {
-    let m = metrics(&[1, 2, 6, 11]);
+    let m = rank_metrics(&[1, 2, 6, 11]);
     assert_eq!(m.examples, 4);
     assert_eq!((m.r_at_1, m.r_at_5, m.r_at_10), (0.25, 0.5, 0.75));
     assert!((m.mrr - (1.0 + 0.5 + 1.0 / 6.0 + 1.0 / 11.0) / 4.0).abs() < 1e-12);
     assert!((m.r_at_1_se - (0.25f64 * 0.75 / 4.0).sqrt()).abs() < 1e-12);
-    assert!(m.mrr_se > 0.0 && metrics(&[2, 2, 2]).mrr_se == 0.0);
+    assert!(m.mrr_se > 0.0 && rank_metrics(&[2, 2, 2]).mrr_se == 0.0);
     assert_eq!(rank_of(&[0.1, 0.9, 0.5, 0.9], 2), 3);
     assert_eq!(rank_of(&[0.1, 0.9, 0.5, 0.9], 1), 1, "ties count for the label");
     assert_eq!(rank_of(&[3.0, 2.0, 1.0], 2), 3);

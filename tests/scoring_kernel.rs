@@ -2,7 +2,7 @@
 //! (plain f64 loops over vectors), for every attention type and m ∈ {1, 16, 64}.
 
 use polyrank::model::attention::Attention;
-use polyrank::model::scoring::{score, top_k, ContextCodes};
+use polyrank::model::scoring::{score, top_k, ContextVectors};
 use polyrank::model::format::{AttentionKind, AttentionSpec};
 use tch::{nn, Device, Kind, Tensor};
 
@@ -78,7 +78,7 @@ fn check(kind: AttentionKind, m: i64, masked: bool) {
     // n_first-style masking: the last third of the codes are padding (never all of them).
     let keep: Vec<bool> = (0..m).map(|i| !masked || i == 0 || i < m - m / 3).collect();
     let mask = Tensor::from_slice(&keep).view([1, m]);
-    let codes = ContextCodes { y: y.shallow_clone(), mask };
+    let codes = ContextVectors { y: y.shallow_clone(), mask };
     let fast: Vec<f64> = Vec::try_from(score(&codes, &cands, &attn).to_kind(Kind::Double).view([-1])).unwrap();
     let slow = naive_scores(&attn, &to_mat(&y.squeeze_dim(0)), &keep, &to_mat(&cands));
     assert_eq!(fast.len(), n as usize);
@@ -109,7 +109,7 @@ fn chunked_scoring_equals_one_pass() {
     let n = polyrank::model::scoring::SCORE_CHUNK_FLOATS / 16 * 3 + 1000;
     let y = Tensor::randn([2, 8, 16], (Kind::Float, Device::Cpu));
     let cands = Tensor::randn([n, 16], (Kind::Float, Device::Cpu));
-    let codes = ContextCodes { y, mask: Tensor::ones([2, 8], (Kind::Bool, Device::Cpu)) };
+    let codes = ContextVectors { y, mask: Tensor::ones([2, 8], (Kind::Bool, Device::Cpu)) };
     let whole = score(&codes, &cands, &attn);
     assert_eq!(whole.size(), vec![2, n]);
     let tail = score(&codes, &cands.narrow(0, n - 1000, 1000), &attn);
@@ -133,7 +133,7 @@ fn a_batch_of_contexts_scores_as_each_alone() {
         let attn = Attention::new(vs.root() / format!("{kind:?}"), AttentionSpec { kind, heads: 4 }, 16);
         let y = Tensor::randn([3, 8, 16], (Kind::Float, Device::Cpu));
         let mask = Tensor::from_slice(&[true, true, true, true, true, false, false, false]).view([1, 8]).repeat([3, 1]);
-        let codes = ContextCodes { y, mask };
+        let codes = ContextVectors { y, mask };
         let cands = Tensor::randn([200, 16], (Kind::Float, Device::Cpu));
         let all = score(&codes, &cands, &attn);
         for i in 0..3 {

@@ -2,7 +2,7 @@
 //! timeout, compression, CORS), and serving with graceful shutdown.
 
 pub mod api;
-pub mod error;
+pub(crate) mod error;
 
 use crate::config::Config;
 use crate::infer::Infer;
@@ -32,7 +32,7 @@ pub struct AppState {
 
 const REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
 
-pub fn router(state: Arc<AppState>) -> Router {
+pub(crate) fn router(state: Arc<AppState>) -> Router {
     let c = &state.config;
     let protected = Router::new()
         .route("/rank", post(api::rank))

@@ -7,7 +7,7 @@ use super::chunked::{Chunked, Then, CHUNK_TOKENS};
 use super::queue::{JobError, Output, Target, Work};
 use super::worker::{Step, Worker};
 use crate::metrics as m;
-use crate::model::scoring::ContextCodes;
+use crate::model::scoring::ContextVectors;
 use crate::text::TextKind;
 use std::collections::HashMap;
 use std::time::Instant;
@@ -102,7 +102,7 @@ impl Worker {
                             Step::Done(Ok(Output::Ranked(model.rank(&c, &cands, &[*top_k]).swap_remove(0))))
                         }
                         Target::Inline(texts) => {
-                            let codes = ContextCodes { y: c.y.copy(), mask: c.mask.copy() };
+                            let codes = ContextVectors { y: c.y.copy(), mask: c.mask.copy() };
                             Step::Chunked(Chunked::new(TextKind::Candidate, texts.clone(), Then::Rank { codes, top_k: *top_k }))
                         }
                     }
@@ -114,7 +114,7 @@ impl Worker {
         if let (false, Some(codes)) = (pool_rows.is_empty(), &codes) {
             // All pool rankings of the batch in one kernel call: [B, m, d] × [N, d].
             let rows = Tensor::from_slice(&pool_rows.iter().map(|p| p.1).collect::<Vec<_>>()).to_device(codes.y.device());
-            let sub = ContextCodes { y: codes.y.index_select(0, &rows), mask: codes.mask.index_select(0, &rows) };
+            let sub = ContextVectors { y: codes.y.index_select(0, &rows), mask: codes.mask.index_select(0, &rows) };
             let ks: Vec<i64> = pool_rows.iter().map(|p| p.2).collect();
             for (ranked, &(i, _, _)) in model.rank(&sub, &self.pool_vectors, &ks).into_iter().zip(&pool_rows) {
                 out[i] = Some(Step::Done(Ok(Output::Ranked(ranked))));

@@ -5,7 +5,7 @@
 use super::batch::vectors;
 use super::queue::{Job, JobError, Output};
 use super::ranker::Ranker;
-use crate::model::scoring::ContextCodes;
+use crate::model::scoring::ContextVectors;
 use crate::text::TextKind;
 use std::time::Instant;
 use tch::Tensor;
@@ -18,7 +18,7 @@ pub(super) const CHUNK_TOKENS: usize = 512;
 /// What to do with the vectors once every chunk is encoded.
 pub(super) enum Then {
     /// Rank them against these context vectors.
-    Rank { codes: ContextCodes, top_k: i64 },
+    Rank { codes: ContextVectors, top_k: i64 },
     /// Return them (/encode).
     Vectors,
 }

@@ -26,7 +26,8 @@ use status::Status;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tokenizers::Encoding;
-pub use worker::{num_cpus, Inference};
+pub(crate) use worker::num_cpus;
+pub use worker::Inference;
 
 /// Why a request got no answer; the HTTP layer maps each to a status code.
 #[derive(Debug, thiserror::Error)]

@@ -1,7 +1,7 @@
 //! Text in, vectors and rankings out: the tokenizer and the model together, no threads.
 //! Callers hold a no-grad guard (the inference thread sets one for its whole life).
 
-use crate::model::scoring::ContextCodes;
+use crate::model::scoring::ContextVectors;
 use crate::model::format::FormatError;
 use crate::model::PolyEncoder;
 use crate::text::{to_batch, Tokenizer, TextKind};
@@ -32,7 +32,7 @@ impl Ranker {
     }
 
     /// Context vectors (`[B, m, d]` and mask) for already tokenized contexts, in input order.
-    pub fn context_codes(&self, encodings: &[Encoding], batch_size: usize) -> ContextCodes {
+    pub fn context_codes(&self, encodings: &[Encoding], batch_size: usize) -> ContextVectors {
         let y = self.batched(encodings, batch_size, |b| {
             let c = self.model.context_codes(b);
             // Carry the mask through the same reordering by packing it as an extra column.
@@ -40,7 +40,7 @@ impl Ranker {
             Tensor::cat(&[c.y, mask], -1)
         });
         let d = self.model.dim();
-        ContextCodes { y: y.narrow(-1, 0, d), mask: y.select(-1, d).to_kind(tch::Kind::Bool) }
+        ContextVectors { y: y.narrow(-1, 0, d), mask: y.select(-1, d).to_kind(tch::Kind::Bool) }
     }
 
     fn batched(&self, encodings: &[Encoding], batch_size: usize, f: impl Fn(&crate::text::Batch) -> Tensor) -> Tensor {

@@ -35,17 +35,17 @@ pub struct Status {
 }
 
 impl Status {
-    pub fn is_ready(&self) -> bool {
+    pub(crate) fn is_ready(&self) -> bool {
         self.ready.load(Ordering::Acquire)
     }
-    pub fn failure(&self) -> Option<String> {
+    pub(crate) fn failure(&self) -> Option<String> {
         self.failure.lock().unwrap().clone()
     }
     /// Pool candidates encoded so far, and the pool's size.
     pub fn progress(&self) -> (usize, usize) {
         (self.encoded.load(Ordering::Acquire), self.total.load(Ordering::Acquire))
     }
-    pub fn cache_reused(&self) -> bool {
+    pub(crate) fn cache_reused(&self) -> bool {
         self.cache_reused.load(Ordering::Acquire)
     }
     /// Set before the server starts: the model loads before `start` returns.

@@ -35,7 +35,7 @@ pub struct Inference {
 }
 
 impl Inference {
-    pub fn shutdown(self) {
+    pub(crate) fn shutdown(self) {
         drop(self)
     }
 }
@@ -98,7 +98,7 @@ pub(super) fn spawn(config: &Config, rx: Receiver<Job>, status: Arc<Status>) -> 
     Ok(Inference { thread: Some(thread), status })
 }
 
-pub fn num_cpus() -> usize {
+pub(crate) fn num_cpus() -> usize {
     std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1)
 }
 

@@ -5,7 +5,7 @@ use super::format::{AttentionKind, AttentionSpec};
 use tch::{nn, nn::Module, Kind, Tensor};
 
 /// A logit that softmax turns into an exact zero but that stays finite in half precision.
-pub fn masked_logit(kind: Kind) -> f64 {
+pub(crate) fn masked_logit(kind: Kind) -> f64 {
     match kind {
         Kind::Half => -65504.0,
         _ => -1e9,
@@ -41,7 +41,7 @@ impl MultiHead {
     }
 
     /// `[B, heads, n, dh]` → `[B, n, d]`
-    pub fn merge(&self, t: &Tensor) -> Tensor {
+    pub(crate) fn merge(&self, t: &Tensor) -> Tensor {
         let (b, h, n, dh) = t.size4().expect("[B, h, n, dh]");
         t.transpose(1, 2).contiguous().view([b, n, h * dh])
     }
@@ -69,7 +69,7 @@ impl Attention {
 
     /// `q: [B, nq, d]`, `kv: [B, nk, d]` (keys and values are the same tensor in both uses),
     /// `key_mask: [B, nk]` bool, true where a key may be attended. Returns `[B, nq, d]`.
-    pub fn forward(&self, q: &Tensor, kv: &Tensor, key_mask: &Tensor) -> Tensor {
+    pub(crate) fn forward(&self, q: &Tensor, kv: &Tensor, key_mask: &Tensor) -> Tensor {
         let d = q.size()[2];
         match self {
             Attention::Basic | Attention::Sqrt => {

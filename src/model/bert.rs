@@ -281,9 +281,8 @@ impl BertEncoder {
         BertEncoder { layer }
     }
 
-    /// HF's forward is `forward_from(.., 0)`.
-    fn forward_from(&self, hidden_states: Tensor, attention_mask: &Tensor, start: usize) -> Tensor {
-        self.layer[start..].iter().fold(hidden_states, |h, layer| layer.forward(&h, attention_mask))
+    fn forward(&self, hidden_states: Tensor, attention_mask: &Tensor) -> Tensor {
+        self.layer.iter().fold(hidden_states, |h, layer| layer.forward(&h, attention_mask))
     }
 }
 
@@ -312,22 +311,9 @@ impl Bert {
     }
 
     /// `mask: [B, n]` with 1 for real tokens and 0 for padding.
-    pub fn forward(&self, ids: &Tensor, type_ids: &Tensor, mask: &Tensor) -> Tensor {
-        self.forward_from(self.embed(ids, type_ids), mask, 0)
-    }
-
-    pub fn embed(&self, ids: &Tensor, type_ids: &Tensor) -> Tensor {
-        self.embeddings.forward(ids, type_ids)
-    }
-
-    /// Runs layers `start..` on `hidden` (the output of `embed`, or of layer `start - 1`), so a
-    /// caller holding lower-layer outputs need not recompute them; nothing in the crate does yet.
-    pub fn forward_from(&self, hidden: Tensor, mask: &Tensor, start: usize) -> Tensor {
-        let attention_mask = extended_attention_mask(mask, hidden.kind());
-        self.encoder.forward_from(hidden, &attention_mask, start)
-    }
-
-    pub fn num_layers(&self) -> usize {
-        self.encoder.layer.len()
+    pub(crate) fn forward(&self, input_ids: &Tensor, token_type_ids: &Tensor, mask: &Tensor) -> Tensor {
+        let embedding_output = self.embeddings.forward(input_ids, token_type_ids);
+        let attention_mask = extended_attention_mask(mask, embedding_output.kind());
+        self.encoder.forward(embedding_output, &attention_mask)
     }
 }

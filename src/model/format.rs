@@ -115,7 +115,7 @@ fn default_scaling() -> f64 {
 
 impl PolySettings {
     /// ParlAI's defaults, with MiniLM's lengths.
-    pub fn default_poly(n_codes: i64) -> Self {
+    pub(crate) fn default_poly(n_codes: i64) -> Self {
         PolySettings {
             mode: Mode::Poly,
             n_codes,
@@ -136,14 +136,14 @@ impl PolySettings {
     }
 
     /// Number of context vectors the scorer sees.
-    pub fn context_vectors(&self) -> i64 {
+    pub(crate) fn context_vectors(&self) -> i64 {
         match self.mode {
             Mode::Poly => self.n_codes,
             Mode::Bi => 1,
         }
     }
 
-    pub fn validate(&self, path: &Path) -> Result<(), FormatError> {
+    pub(crate) fn validate(&self, path: &Path) -> Result<(), FormatError> {
         let bad = |m: &str| Err(FormatError::malformed(path, m));
         if self.mode == Mode::Poly && self.n_codes < 1 {
             return bad("n_codes must be at least 1");
@@ -178,7 +178,7 @@ impl PolySettings {
 }
 
 /// Reads a file, telling a missing file apart from an unreadable one.
-pub fn read_text(path: &Path) -> Result<String, FormatError> {
+pub(crate) fn read_text(path: &Path) -> Result<String, FormatError> {
     match std::fs::read_to_string(path) {
         Ok(t) => Ok(t),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
@@ -188,7 +188,7 @@ pub fn read_text(path: &Path) -> Result<String, FormatError> {
     }
 }
 
-pub fn require_file(path: &Path) -> Result<(), FormatError> {
+pub(crate) fn require_file(path: &Path) -> Result<(), FormatError> {
     if path.is_file() {
         Ok(())
     } else {

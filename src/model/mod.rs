@@ -5,13 +5,13 @@ pub mod bert;
 pub mod poly;
 pub mod scoring;
 pub mod format;
-pub mod init;
-pub mod weights;
+pub(crate) mod init;
+pub(crate) mod weights;
 
 use crate::text::Batch;
 use bert::{Bert, BertConfig};
 use poly::PolyHead;
-use scoring::ContextCodes;
+use scoring::ContextVectors;
 use format::*;
 use std::path::{Path, PathBuf};
 use tch::{nn::VarStore, Device, Kind, Tensor};
@@ -78,7 +78,7 @@ impl PolyEncoder {
     }
 
     /// Token outputs of the context encoder, scaled by `output_scaling`.
-    pub fn context_tokens(&self, batch: &Batch) -> Tensor {
+    pub(crate) fn context_tokens(&self, batch: &Batch) -> Tensor {
         let h = self.context_encoder.forward(&batch.ids, &batch.type_ids, &batch.mask);
         scaled(h, self.settings.output_scaling)
     }
@@ -91,19 +91,19 @@ impl PolyEncoder {
     }
 
     /// The m vectors (1 in bi mode) each candidate attends over.
-    pub fn context_codes(&self, batch: &Batch) -> ContextCodes {
+    pub fn context_codes(&self, batch: &Batch) -> ContextVectors {
         let h = self.context_tokens(batch);
         self.head.context_codes(&h, &batch.mask)
     }
 
     /// `[B, N]` scores of each context against every candidate row.
-    pub fn score(&self, codes: &ContextCodes, candidates: &Tensor) -> Tensor {
+    pub fn score(&self, codes: &ContextVectors, candidates: &Tensor) -> Tensor {
         scoring::score(codes, candidates, &self.head.candidate_attention)
     }
 
     /// The context codes of token outputs computed earlier (one `[n_i, d]` tensor per
     /// context, padding removed): the head alone, as head-only training and eval run it.
-    pub fn codes_from_tokens(&self, contexts: &[Tensor]) -> ContextCodes {
+    pub(crate) fn codes_from_tokens(&self, contexts: &[Tensor]) -> ContextVectors {
         let lens: Vec<i64> = contexts.iter().map(|t| t.size()[0]).collect();
         let h = Tensor::pad_sequence(contexts, true, 0.0, "right");
         let l = h.size()[1];
@@ -114,13 +114,13 @@ impl PolyEncoder {
 
     /// Ranking, the one place it is written: for context b of `codes`, the best `top_k[b]`
     /// rows of `candidates`, best first, with their scores.
-    pub fn rank(&self, codes: &ContextCodes, candidates: &Tensor, top_k: &[i64]) -> Vec<Vec<(i64, f32)>> {
+    pub fn rank(&self, codes: &ContextVectors, candidates: &Tensor, top_k: &[i64]) -> Vec<Vec<(i64, f32)>> {
         let scores = self.score(codes, candidates);
         top_k.iter().enumerate().map(|(b, &k)| scoring::top_k(&scores.get(b as i64), k)).collect()
     }
 
     /// One context against some rows of `pool`; results carry pool row numbers.
-    pub fn rank_rows(&self, codes: &ContextCodes, pool: &Tensor, rows: &[i64], k: i64) -> Vec<(i64, f32)> {
+    pub(crate) fn rank_rows(&self, codes: &ContextVectors, pool: &Tensor, rows: &[i64], k: i64) -> Vec<(i64, f32)> {
         let idx = Tensor::from_slice(rows).to_device(pool.device());
         let ranked = self.rank(codes, &pool.index_select(0, &idx), &[k]).swap_remove(0);
         ranked.into_iter().map(|(j, s)| (rows[j as usize], s)).collect()
@@ -129,7 +129,7 @@ impl PolyEncoder {
     /// One context against `pool`, approximately: only the `preselect` rows with the best dot
     /// product against the masked mean of the context's vectors (a bi-encoder pass, 2·d·N
     /// FLOPs instead of 2·m·d·N) are scored exactly.
-    pub fn rank_approximate(&self, codes: &ContextCodes, pool: &Tensor, preselect: i64, k: i64) -> Vec<(i64, f32)> {
+    pub(crate) fn rank_approximate(&self, codes: &ContextVectors, pool: &Tensor, preselect: i64, k: i64) -> Vec<(i64, f32)> {
         let kind = codes.y.kind();
         let mask = codes.mask.to_kind(kind).unsqueeze(-1); // [1, m, 1]
         let mean = (&codes.y * &mask).sum_dim_intlist(1, false, kind) / mask.sum(kind).clamp_min(1.0); // [1, d]

@@ -2,7 +2,7 @@
 //! pooling that turns a candidate's token outputs into one vector.
 
 use super::attention::Attention;
-use super::scoring::ContextCodes;
+use super::scoring::ContextVectors;
 use super::format::{AttentionKind, AttentionSpec, Mode, PolySettings, PolyType, Pooling};
 use tch::{nn, Kind, Tensor};
 
@@ -35,7 +35,7 @@ impl PolyHead {
     }
 
     /// `h: [B, n, d]` token outputs, `mask: [B, n]` (1 = token) → the vectors candidates attend to.
-    pub fn context_codes(&self, h: &Tensor, mask: &Tensor) -> ContextCodes {
+    pub fn context_codes(&self, h: &Tensor, mask: &Tensor) -> ContextVectors {
         let s = &self.settings;
         let (b, n, d) = h.size3().expect("[B, n, d]");
         let token_mask = mask.to_kind(Kind::Bool);
@@ -43,14 +43,14 @@ impl PolyHead {
             (Mode::Bi, _) => {
                 let y = pool(h, mask, s.context_pooling, s.normalize).unsqueeze(1);
                 let mask = Tensor::ones([b, 1], (Kind::Bool, h.device()));
-                ContextCodes { y, mask }
+                ContextVectors { y, mask }
             }
             (Mode::Poly, PolyType::Codes) => {
                 let codes = self.codes.as_ref().expect("codes variable");
                 let q = codes.to_kind(h.kind()).unsqueeze(0).expand([b, s.n_codes, d], true);
                 let y = self.code_attention.forward(&q, h, &token_mask);
                 let mask = Tensor::ones([b, s.n_codes], (Kind::Bool, h.device()));
-                ContextCodes { y, mask }
+                ContextVectors { y, mask }
             }
             (Mode::Poly, PolyType::NFirst) => {
                 let m = s.n_codes;
@@ -64,7 +64,7 @@ impl PolyHead {
                     y = Tensor::cat(&[y, Tensor::zeros([b, m - keep, d], (h.kind(), h.device()))], 1);
                     ymask = Tensor::cat(&[ymask, Tensor::zeros([b, m - keep], (Kind::Bool, h.device()))], 1);
                 }
-                ContextCodes { y, mask: ymask }
+                ContextVectors { y, mask: ymask }
             }
         }
     }

@@ -15,21 +15,21 @@ fn chunk_rows(contexts: i64, m: i64) -> i64 {
 }
 
 /// Context vectors as the scorer sees them.
-pub struct ContextCodes {
+pub struct ContextVectors {
     /// `[B, m, d]`
     pub y: Tensor,
     /// `[B, m]` bool, false for zero-padded `n_first` codes.
     pub mask: Tensor,
 }
 
-impl ContextCodes {
-    pub fn select(&self, i: i64) -> ContextCodes {
-        ContextCodes { y: self.y.narrow(0, i, 1), mask: self.mask.narrow(0, i, 1) }
+impl ContextVectors {
+    pub fn select(&self, i: i64) -> ContextVectors {
+        ContextVectors { y: self.y.narrow(0, i, 1), mask: self.mask.narrow(0, i, 1) }
     }
 }
 
 /// Scores `[B, N]`: for each candidate c, y = Σ_i softmax_i(c·y_i) y_i and score = c·y.
-pub fn score(codes: &ContextCodes, cands: &Tensor, attn: &Attention) -> Tensor {
+pub fn score(codes: &ContextVectors, cands: &Tensor, attn: &Attention) -> Tensor {
     let n = cands.size()[0];
     let (b, m, _) = codes.y.size3().expect("[B, m, d]");
     let rows = chunk_rows(b, m);
@@ -59,7 +59,7 @@ struct Prepared {
 }
 
 impl Prepared {
-    fn new(codes: &ContextCodes, attn: &Attention) -> Self {
+    fn new(codes: &ContextVectors, attn: &Attention) -> Self {
         let (b, m, d) = codes.y.size3().expect("[B, m, d]");
         let key_mask = codes.mask.logical_not().unsqueeze(1);
         let (keys, values) = match attn {

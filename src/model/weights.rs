@@ -8,7 +8,7 @@ use tch::{nn::VarStore, Tensor};
 /// Prefixes some exporters put in front of the BERT tensor names (`bert.embeddings...`).
 const KNOWN_PREFIXES: [&str; 2] = ["bert.", "model."];
 
-pub fn read_tensors(path: &Path) -> Result<HashMap<String, Tensor>, FormatError> {
+pub(crate) fn read_tensors(path: &Path) -> Result<HashMap<String, Tensor>, FormatError> {
     super::format::require_file(path)?;
     let tensors = Tensor::read_safetensors(path)
         .map_err(|e| FormatError::malformed(path, format!("not a readable safetensors file: {e}")))?;
@@ -17,7 +17,7 @@ pub fn read_tensors(path: &Path) -> Result<HashMap<String, Tensor>, FormatError>
 
 /// Copies every variable of `vs` from the file; a missing name or a wrong shape names the file
 /// and the tensor. Extra tensors in the file (pooler, position_ids buffers) are ignored.
-pub fn load_into(vs: &mut VarStore, path: &Path) -> Result<(), FormatError> {
+pub(crate) fn load_into(vs: &mut VarStore, path: &Path) -> Result<(), FormatError> {
     let mut tensors = read_tensors(path)?;
     for prefix in KNOWN_PREFIXES {
         if tensors.keys().any(|k| k.starts_with(prefix)) {
@@ -61,7 +61,7 @@ fn lookup<'a>(tensors: &'a HashMap<String, Tensor>, name: &str) -> Option<&'a Te
 }
 
 /// Writes every variable of `vs` under its own name.
-pub fn save_vars(vs: &VarStore, path: &Path) -> Result<(), tch::TchError> {
+pub(crate) fn save_vars(vs: &VarStore, path: &Path) -> Result<(), tch::TchError> {
     let mut vars: Vec<(String, Tensor)> = vs
         .variables()
         .into_iter()

@@ -47,7 +47,7 @@ fn parse_jsonl(text: &str, path: &Path) -> Result<Vec<Example>> {
 
 /// ConvAI2: within an episode each line adds the partner's text and the reply (label) to the
 /// history; persona lines (no tab) come first.
-pub fn parse_convai2(text: &str, path: &Path) -> Result<Vec<Example>> {
+pub(crate) fn parse_convai2(text: &str, path: &Path) -> Result<Vec<Example>> {
     let mut out = Vec::new();
     let mut persona: Vec<String> = Vec::new();
     let mut history: Vec<String> = Vec::new();
@@ -137,7 +137,7 @@ pub struct Features {
 }
 
 impl Features {
-    pub fn compute(ranker: &Ranker, examples: &[Example], batch: usize, progress: bool) -> Result<Features> {
+    pub(crate) fn compute(ranker: &Ranker, examples: &[Example], batch: usize, progress: bool) -> Result<Features> {
         let _g = tch::no_grad_guard();
         let mut index: HashMap<&str, i64> = HashMap::new();
         let mut distinct: Vec<String> = Vec::new();
@@ -171,7 +171,7 @@ impl Features {
     }
 
     /// Ranks of every example's label under the model's current head.
-    pub fn ranks(&self, model: &PolyEncoder, batch: usize) -> Vec<usize> {
+    pub(crate) fn ranks(&self, model: &PolyEncoder, batch: usize) -> Vec<usize> {
         let _g = tch::no_grad_guard();
         let mut ranks = Vec::with_capacity(self.labels.len());
         for start in (0..self.contexts.len()).step_by(batch.max(1)) {
@@ -190,7 +190,7 @@ impl Features {
 
 /// Token outputs of the context encoder, one `[n_i, d]` tensor per text (padding removed).
 /// Texts are batched in length order so little compute goes to padding.
-pub fn context_tokens(model: &PolyEncoder, ranker: &Ranker, texts: &[String], batch: usize, bar: &indicatif::ProgressBar) -> Result<Vec<Tensor>> {
+pub(crate) fn context_tokens(model: &PolyEncoder, ranker: &Ranker, texts: &[String], batch: usize, bar: &indicatif::ProgressBar) -> Result<Vec<Tensor>> {
     let _g = tch::no_grad_guard();
     let enc = ranker.tokenize(texts, TextKind::Context).map_err(anyhow::Error::msg)?;
     let mut order: Vec<usize> = (0..enc.len()).collect();
@@ -207,7 +207,7 @@ pub fn context_tokens(model: &PolyEncoder, ranker: &Ranker, texts: &[String], ba
     Ok(out.into_iter().map(|t| t.expect("every text encoded")).collect())
 }
 
-pub fn progress_bar(show: bool, len: u64, msg: &'static str) -> indicatif::ProgressBar {
+pub(crate) fn progress_bar(show: bool, len: u64, msg: &'static str) -> indicatif::ProgressBar {
     if !show {
         return indicatif::ProgressBar::hidden();
     }

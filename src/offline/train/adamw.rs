@@ -43,14 +43,14 @@ impl AdamW {
         AdamW { params, weight_decay, step: 0, beta1: 0.9, beta2: 0.999, eps: 1e-8 }
     }
 
-    pub fn zero_grad(&mut self) {
+    pub(crate) fn zero_grad(&mut self) {
         for p in &mut self.params {
             p.var.zero_grad();
         }
     }
 
     /// Scales gradients so their global L2 norm is at most `max`; returns the norm before.
-    pub fn clip_grad_norm(&mut self, max: f64) -> f64 {
+    pub(crate) fn clip_grad_norm(&mut self, max: f64) -> f64 {
         let _g = tch::no_grad_guard();
         let sq: f64 = self
             .params
@@ -71,7 +71,7 @@ impl AdamW {
     }
 
     /// One update with a learning rate per group; parameters without a gradient are skipped.
-    pub fn step(&mut self, lrs: &[f64]) {
+    pub(crate) fn step(&mut self, lrs: &[f64]) {
         let _g = tch::no_grad_guard();
         self.step += 1;
         let (b1, b2) = (self.beta1, self.beta2);

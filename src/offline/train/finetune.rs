@@ -16,7 +16,7 @@
 use super::adamw::AdamW;
 use super::{apply_init_std, load_pairs, load_state, load_valid, log_entry, prepare_out, save_settings_and_state, score_valid, write_atomically, Pair, TrainArgs, TrainLayers, TrainState};
 use crate::offline::eval::Features;
-use crate::model::scoring::ContextCodes;
+use crate::model::scoring::ContextVectors;
 use crate::model::format::*;
 use crate::model::PolyEncoder;
 use crate::infer::ranker::Ranker;
@@ -32,7 +32,7 @@ const OPTIMIZER_FILE: &str = "optimizer.safetensors";
 /// Mean cross-entropy of `scale · score(codes, cands)` against `target` (the index of each
 /// context's own response among `cands`); `mask` (added to the logits) removes columns that
 /// are no true negative for a row.
-pub fn in_batch_loss(model: &PolyEncoder, codes: &ContextCodes, cands: &Tensor, target: &Tensor, scale: f64, mask: Option<&Tensor>) -> Tensor {
+pub(crate) fn in_batch_loss(model: &PolyEncoder, codes: &ContextVectors, cands: &Tensor, target: &Tensor, scale: f64, mask: Option<&Tensor>) -> Tensor {
     let logits = model.score(codes, cands) * scale;
     let logits = match mask {
         Some(m) => logits + m,
@@ -120,9 +120,9 @@ impl PreparedBatch {
     }
 }
 
-fn cat_codes(parts: Vec<ContextCodes>) -> ContextCodes {
+fn cat_codes(parts: Vec<ContextVectors>) -> ContextVectors {
     let (ys, masks): (Vec<Tensor>, Vec<Tensor>) = parts.into_iter().map(|c| (c.y, c.mask)).unzip();
-    ContextCodes { y: Tensor::cat(&ys, 0), mask: Tensor::cat(&masks, 0) }
+    ContextVectors { y: Tensor::cat(&ys, 0), mask: Tensor::cat(&masks, 0) }
 }
 
 /// Forward and backward of one batch; leaves the full-batch gradient in every trainable

@@ -214,7 +214,7 @@ pub struct TrainState {
 
 const STATE_FILE: &str = "train_state.json";
 
-pub fn load_pairs(path: &Path) -> Result<Vec<Pair>> {
+pub(crate) fn load_pairs(path: &Path) -> Result<Vec<Pair>> {
     let text = std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
     let pairs: Vec<Pair> = text
         .lines()
