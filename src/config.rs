@@ -193,7 +193,7 @@ impl Config {
         ] {
             anyhow::ensure!(value >= 1, "{name} must be at least 1 (0 would refuse every request or disable the limit)");
         }
-        let cores = crate::infer::num_cpus();
+        let cores = num_cpus();
         anyhow::ensure!(
             self.threads <= MAX_THREADS_PER_CORE * cores,
             "threads = {} is more than {MAX_THREADS_PER_CORE} per core on this {cores}-core host (0 = one per core)",
@@ -243,4 +243,8 @@ pub(crate) fn parse_device(s: &str) -> Result<tch::Device> {
         if count == 0 { " (no CUDA driver or a CPU-only libtorch); use device = \"cpu\"" } else { "" }
     );
     Ok(tch::Device::Cuda(index))
+}
+
+pub(crate) fn num_cpus() -> usize {
+    std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1)
 }

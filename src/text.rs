@@ -2,6 +2,7 @@
 //! keep their beginning. The tokenizer.json's own padding/truncation are replaced.
 
 use crate::model::format::{FormatError, PolySettings, TOKENIZER_FILE};
+pub use crate::model::Batch;
 use std::path::Path;
 use tch::{Device, Kind, Tensor};
 use tokenizers::{Encoding, Tokenizer as HfTokenizer, TruncationDirection, TruncationParams, TruncationStrategy};
@@ -11,16 +12,6 @@ use tokenizers::{Encoding, Tokenizer as HfTokenizer, TruncationDirection, Trunca
 pub enum TextKind {
     Context,
     Candidate,
-}
-
-/// One padded batch, ready for the encoder.
-pub struct Batch {
-    /// `[B, L]` token ids
-    pub ids: Tensor,
-    /// `[B, L]` segment ids (all 0: one segment)
-    pub type_ids: Tensor,
-    /// `[B, L]` 1 for real tokens, 0 for padding
-    pub mask: Tensor,
 }
 
 /// The model's tokenizer twice: once configured for contexts, once for candidates.

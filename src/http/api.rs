@@ -4,7 +4,7 @@
 use super::error::ApiError;
 use super::AppState;
 use crate::infer::{RankQuery, Ranking, Vectors};
-use crate::text::TextKind;
+use crate::infer::TextKind;
 use axum::extract::{FromRequest, State};
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};

@@ -18,7 +18,8 @@ mod worker;
 
 use crate::config::Config;
 use crate::metrics as m;
-use crate::text::{TextKind, Tokenizer};
+pub use crate::text::TextKind;
+use crate::text::Tokenizer;
 use admission::{check_texts, check_turns, cost, least_tokens, pool_rows, within_budget};
 use anyhow::Result;
 use queue::{JobError, Output, Queue, SubmitError, Target, Work};
@@ -26,7 +27,6 @@ use status::Status;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tokenizers::Encoding;
-pub(crate) use worker::num_cpus;
 pub use worker::Inference;
 
 /// Why a request got no answer; the HTTP layer maps each to a status code.

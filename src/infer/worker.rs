@@ -9,7 +9,7 @@ use super::chunked::Chunked;
 use super::queue::{collect, BatchLimits, Job, JobError, Reply, Work};
 use super::ranker::Ranker;
 use super::status::{ModelInfo, Status};
-use crate::config::Config;
+use crate::config::{num_cpus, Config};
 use crate::metrics as m;
 use crate::pool::cache::PoolCache;
 use crate::pool::Pool;
@@ -96,10 +96,6 @@ pub(super) fn spawn(config: &Config, rx: Receiver<Job>, status: Arc<Status>) -> 
     })?;
     loaded_rx.recv().context("the inference thread ended during the model load")??;
     Ok(Inference { thread: Some(thread), status })
-}
-
-pub(crate) fn num_cpus() -> usize {
-    std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1)
 }
 
 pub(super) struct Worker {

@@ -8,13 +8,22 @@ pub mod format;
 pub(crate) mod init;
 pub(crate) mod weights;
 
-use crate::text::Batch;
 use bert::{Bert, BertConfig};
 use poly::PolyHead;
 use scoring::ContextVectors;
 use format::*;
 use std::path::{Path, PathBuf};
 use tch::{nn::VarStore, Device, Kind, Tensor};
+
+/// One padded batch, ready for the encoder.
+pub struct Batch {
+    /// `[B, L]` token ids
+    pub ids: Tensor,
+    /// `[B, L]` segment ids (all 0: one segment)
+    pub type_ids: Tensor,
+    /// `[B, L]` 1 for real tokens, 0 for padding
+    pub mask: Tensor,
+}
 
 pub struct PolyEncoder {
     pub settings: PolySettings,
