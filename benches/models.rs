@@ -3,13 +3,17 @@
 //! warm-up) over pools of random unit vectors written straight into the cache format, for each
 //! model on the same machine in the same run. Weights do not change the cost, m and d do; this
 //! is the latency column of the README's quality table.
+//!
+//! `--baseline-bin PATH` compares builds instead: every (model, N) is measured `--rounds`
+//! times (default 3) with the baseline binary and this build, alternately, and the table
+//! gives the median of the rounds' p50 for each and their ratio.
 
 #[path = "../tests/common/server.rs"]
 #[allow(dead_code)]
 mod server;
 mod common;
 
-use common::{load, root, synthetic_pool, CONTEXTS};
+use common::{load, median, root, synthetic_pool, CONTEXTS};
 use polyrank::model::bert::BertConfig;
 use polyrank::model::format::{Mode, PolySettings};
 use serde_json::json;
@@ -25,6 +29,11 @@ fn main() {
         .unwrap_or_else(|| vec![root().join("models/minilm-bi"), root().join("models/default")]);
     let sizes: Vec<usize> = get("--sizes").map(|s| s.split(',').map(|x| x.parse().expect("--sizes")).collect()).unwrap_or(vec![10_000, 100_000]);
     let seconds: f64 = get("--seconds").map(|s| s.parse().expect("--seconds")).unwrap_or(5.0);
+    let baseline: Option<PathBuf> = get("--baseline-bin").map(PathBuf::from);
+    let rounds: usize = get("--rounds").map(|s| s.parse().expect("--rounds")).unwrap_or(3);
+    if let Some(base) = baseline {
+        return compare(&models, &sizes, seconds, &base, rounds);
+    }
     let mut md = String::from("| model | m | N | /rank p50 ms | p95 ms | requests |\n|---|---|---|---|---|---|\n");
     for model in &models {
         let settings = PolySettings::load(model).unwrap();
@@ -42,6 +51,41 @@ fn main() {
             assert_eq!(r.errors, 0, "{} at N = {n}: {} failed requests", model.display(), r.errors);
             let name = model.strip_prefix(root()).unwrap_or(model).display();
             let line = format!("| {name} | {m} | {n} | {:.1} | {:.1} | {} |\n", r.p50_ms, r.p95_ms, r.requests);
+            eprint!("{line}");
+            md += &line;
+        }
+    }
+    println!("\n{md}");
+}
+
+/// This build against `base`, alternately, `rounds` times per (model, N).
+fn compare(models: &[PathBuf], sizes: &[usize], seconds: f64, base: &std::path::Path, rounds: usize) {
+    let mut md = String::from("| model | N | baseline p50 ms | this build p50 ms | ratio (this / baseline) | rounds |\n|---|---|---|---|---|---|\n");
+    for model in models {
+        let d = BertConfig::load(model).unwrap().hidden_size;
+        for &n in sizes {
+            let dir = tempfile::tempdir().unwrap();
+            let (pool, _, _) = synthetic_pool(dir.path(), model, n, d);
+            let mut p50 = [Vec::new(), Vec::new()];
+            for _ in 0..rounds {
+                for (which, bin) in [Some(base), None].into_iter().enumerate() {
+                    let mut setup = Setup::new(model, &pool, &dir.path().join("cache"));
+                    if let Some(b) = bin {
+                        setup = setup.binary(b);
+                    }
+                    let s = Server::start(&setup);
+                    s.wait_ready();
+                    let url = s.url("/rank");
+                    let body = |i: usize| json!({"context": CONTEXTS[i % CONTEXTS.len()], "top_k": 10});
+                    load(&url, 1, 1.0, body);
+                    let r = load(&url, 1, seconds, body);
+                    assert_eq!(r.errors, 0, "{} failed requests", r.errors);
+                    p50[which].push(r.p50_ms);
+                }
+            }
+            let (b, t) = (median(&mut p50[0]), median(&mut p50[1]));
+            let name = model.strip_prefix(root()).unwrap_or(model).display();
+            let line = format!("| {name} | {n} | {b:.1} | {t:.1} | {:.3} | {rounds} |\n", t / b);
             eprint!("{line}");
             md += &line;
         }

@@ -22,11 +22,13 @@ pub struct Setup {
     pub cache: PathBuf,
     pub args: Vec<String>,
     pub env: Vec<(String, String)>,
+    /// Another polyrank binary (benchmarks compare builds); this build's by default.
+    pub bin: Option<PathBuf>,
 }
 
 impl Setup {
     pub fn new(model: &Path, pool: &Path, cache: &Path) -> Self {
-        Setup { model: model.into(), pool: pool.into(), cache: cache.into(), args: vec![], env: vec![] }
+        Setup { model: model.into(), pool: pool.into(), cache: cache.into(), args: vec![], env: vec![], bin: None }
     }
     pub fn arg(mut self, a: &str, v: &str) -> Self {
         self.args.push(a.into());
@@ -37,11 +39,15 @@ impl Setup {
         self.env.push((k.into(), v.into()));
         self
     }
+    pub fn binary(mut self, bin: &Path) -> Self {
+        self.bin = Some(bin.into());
+        self
+    }
 }
 
 impl Server {
     pub fn start(s: &Setup) -> Server {
-        let mut cmd = Command::new(env!("CARGO_BIN_EXE_polyrank"));
+        let mut cmd = Command::new(s.bin.clone().unwrap_or_else(|| env!("CARGO_BIN_EXE_polyrank").into()));
         cmd.current_dir(env!("CARGO_MANIFEST_DIR"))
             .arg("serve")
             .args(["--host", "127.0.0.1", "--port", "0"])
