@@ -30,6 +30,16 @@ pub struct ServeArgs {
     #[arg(long, env = "POLYRANK_CACHE_DIR")]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub cache_dir: Option<PathBuf>,
+    /// Directory of the live pool's store (snapshot + write-ahead log). The candidate files
+    /// seed it on the first start; writes through /candidates are kept here.
+    #[arg(long, env = "POLYRANK_STORE_DIR")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub store_dir: Option<PathBuf>,
+    /// Write-ahead log size in bytes past which the store writes a new snapshot (in the
+    /// background) and starts a new log.
+    #[arg(long, env = "POLYRANK_STORE_COMPACT_BYTES")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub store_compact_bytes: Option<u64>,
     /// Address to listen on.
     #[arg(long, env = "POLYRANK_HOST")]
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -127,6 +137,8 @@ pub struct Config {
     pub device: String,
     pub candidates: Vec<PathBuf>,
     pub cache_dir: PathBuf,
+    pub store_dir: PathBuf,
+    pub store_compact_bytes: u64,
     pub host: String,
     pub port: u16,
     pub encode_batch_size: usize,
@@ -190,6 +202,7 @@ impl Config {
             ("body_limit_bytes", self.body_limit_bytes),
             ("request_timeout_ms", self.request_timeout_ms as usize),
             ("cache_keep", self.cache_keep),
+            ("store_compact_bytes", self.store_compact_bytes as usize),
         ] {
             anyhow::ensure!(value >= 1, "{name} must be at least 1 (0 would refuse every request or disable the limit)");
         }

@@ -12,6 +12,11 @@ pub(crate) const POOL_ENCODED: &str = "polyrank_pool_encoded_total";
 /// 1 when the pool came from the cache file at startup, 0 when it was encoded.
 pub(crate) const CACHE_REUSED: &str = "polyrank_pool_cache_reused";
 pub(crate) const REJECTED: &str = "polyrank_queue_rejected_total";
+/// Candidates written through the API, label `op`: upsert, delete.
+pub(crate) const WRITES: &str = "polyrank_pool_writes_total";
+pub(crate) const STORE_LOG_BYTES: &str = "polyrank_store_log_bytes";
+pub(crate) const STORE_LAST_COMPACTION: &str = "polyrank_store_last_compaction_timestamp_seconds";
+pub(crate) const STORE_COMPACTIONS: &str = "polyrank_store_compactions_total";
 
 const LATENCY_BUCKETS: &[f64] =
     &[0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0];
@@ -27,10 +32,14 @@ pub(crate) fn install() -> anyhow::Result<PrometheusHandle> {
     metrics::describe_histogram!(REQUEST_SECONDS, metrics::Unit::Seconds, "HTTP request latency by route");
     metrics::describe_histogram!(STAGE_SECONDS, metrics::Unit::Seconds, "Latency of tokenize / queue / inference / score");
     metrics::describe_histogram!(BATCH_SIZE, "Requests per inference batch");
-    metrics::describe_gauge!(POOL_SIZE, "Candidates in the cached pool");
+    metrics::describe_gauge!(POOL_SIZE, "Candidates in the pool");
     metrics::describe_counter!(POOL_ENCODED, "Pool candidates encoded at startup (0 when the cache was reused)");
     metrics::describe_gauge!(CACHE_REUSED, "1 when the pool came from the cache file");
     metrics::describe_counter!(REJECTED, "Requests refused with 429 because the queue was full");
+    metrics::describe_counter!(WRITES, "Candidates upserted or deleted through the API, by op");
+    metrics::describe_gauge!(STORE_LOG_BYTES, "Bytes in the store's write-ahead log since the last snapshot");
+    metrics::describe_gauge!(STORE_LAST_COMPACTION, "When the store last wrote a snapshot (Unix seconds)");
+    metrics::describe_counter!(STORE_COMPACTIONS, "Snapshots written by the store");
     metrics::counter!(POOL_ENCODED).absolute(0);
     Ok(handle)
 }

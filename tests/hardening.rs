@@ -239,7 +239,10 @@ fn stale_temp_files_and_superseded_caches_are_removed() {
     for n in 0..4 {
         let pool = dir.path().join(format!("pool{n}.jsonl"));
         common::server::write_pool(&pool, 100 + n);
-        let s = Server::start(&Setup { pool, ..setup.clone() }.arg("--cache-keep", "2"));
+        // A store of its own each time: the pool files only seed a new store (an existing
+        // store takes just their changes, without the pool cache).
+        let store = dir.path().join(format!("store{n}"));
+        let s = Server::start(&Setup { pool, ..setup.clone() }.arg("--cache-keep", "2").arg("--store-dir", store.to_str().unwrap()));
         s.wait_ready();
         let current = files(&setup.cache, |n| n.ends_with(".pool"));
         seen.push(current.clone());

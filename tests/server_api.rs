@@ -54,7 +54,7 @@ fn every_route_answers_as_documented() {
     let c = Contract::load();
     assert_eq!(
         c.paths(),
-        ["/encode", "/health/live", "/health/ready", "/info", "/metrics", "/openapi.yaml", "/rank"]
+        ["/candidates", "/candidates/{id}", "/encode", "/health/live", "/health/ready", "/info", "/metrics", "/openapi.yaml", "/rank"]
     );
 
     // Pool ranking: top_k results, best first, text on request.

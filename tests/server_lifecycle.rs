@@ -17,6 +17,14 @@ fn fixture() -> (tempfile::TempDir, Setup) {
     (dir, setup)
 }
 
+/// A new store for each start, as a new replica has: the pool files seed it through the
+/// pool cache, which is what these tests are about (a restart with the same store reads its
+/// snapshot instead; tests/live_pool.rs covers that).
+fn fresh_store(setup: Setup) -> Setup {
+    let store = tempfile::tempdir().unwrap().keep();
+    setup.arg("--store-dir", store.to_str().unwrap())
+}
+
 fn files_in(dir: &Path, suffix: &str) -> Vec<PathBuf> {
     std::fs::read_dir(dir)
         .map(|d| d.filter_map(|e| e.ok().map(|e| e.path())).filter(|p| p.to_string_lossy().contains(suffix)).collect())
@@ -40,7 +48,7 @@ fn ranking(s: &Server) -> Value {
 fn readiness_flips_and_a_restart_reuses_the_cache() {
     let (_d, setup) = fixture();
     // Stretch the cache write so the loading phase is long enough to observe.
-    let s = Server::start(&setup.clone().env("POLYRANK_TEST_SLOW_CACHE_WRITE_MS", "1500"));
+    let s = Server::start(&fresh_store(setup.clone().env("POLYRANK_TEST_SLOW_CACHE_WRITE_MS", "1500")));
     let c = Contract::load();
     let (st, body) = s.get("/health/ready");
     assert_eq!(st, 503, "{body}");
@@ -57,7 +65,7 @@ fn readiness_flips_and_a_restart_reuses_the_cache() {
     let first = ranking(&s);
     assert!(s.terminate().success());
 
-    let s = Server::start(&setup);
+    let s = Server::start(&fresh_store(setup.clone()));
     s.wait_ready();
     assert!(s.logs().contains("pool cache reused"), "{}", s.logs());
     assert_eq!(s.metric("polyrank_pool_cache_reused"), Some(1.0));
@@ -68,7 +76,7 @@ fn readiness_flips_and_a_restart_reuses_the_cache() {
 #[test]
 fn a_corrupted_or_truncated_cache_is_rebuilt_never_served() {
     let (_d, setup) = fixture();
-    let s = Server::start(&setup);
+    let s = Server::start(&fresh_store(setup.clone()));
     s.wait_ready();
     let first = ranking(&s);
     drop(s);
@@ -79,7 +87,7 @@ fn a_corrupted_or_truncated_cache_is_rebuilt_never_served() {
     let mid = bytes.len() / 2;
     bytes[mid] ^= 0x01;
     std::fs::write(&path, &bytes).unwrap();
-    let s = Server::start(&setup);
+    let s = Server::start(&fresh_store(setup.clone()));
     s.wait_ready();
     assert!(s.logs().contains("checksum mismatch"), "{}", s.logs());
     assert_eq!(s.metric("polyrank_pool_encoded_total"), Some(POOL as f64), "re-encoded");
@@ -89,14 +97,14 @@ fn a_corrupted_or_truncated_cache_is_rebuilt_never_served() {
     // Truncated file.
     let bytes = std::fs::read(&path).unwrap();
     std::fs::write(&path, &bytes[..bytes.len() - 100]).unwrap();
-    let s = Server::start(&setup);
+    let s = Server::start(&fresh_store(setup.clone()));
     s.wait_ready();
     assert!(s.logs().contains("truncated"), "{}", s.logs());
     assert_eq!(s.metric("polyrank_pool_encoded_total"), Some(POOL as f64));
     drop(s);
 
     // The rebuilt file is whole again.
-    let s = Server::start(&setup);
+    let s = Server::start(&fresh_store(setup.clone()));
     s.wait_ready();
     assert_eq!(s.metric("polyrank_pool_cache_reused"), Some(1.0));
     assert_eq!(ranking(&s), first);

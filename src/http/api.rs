@@ -4,8 +4,9 @@
 use super::error::ApiError;
 use super::AppState;
 use crate::infer::{RankQuery, Ranking, Vectors};
+use crate::pool::store::Candidate;
 use crate::infer::TextKind;
-use axum::extract::{FromRequest, State};
+use axum::extract::{FromRequest, Path, State};
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::Json;
@@ -45,6 +46,11 @@ pub struct RankRequest {
     /// Rank the pool approximately (see `approx_preselect`).
     #[serde(default)]
     pub approximate: bool,
+    /// Only pool candidates whose meta passes this (see `pool::filter`).
+    #[serde(default, deserialize_with = "present")]
+    pub filter: Option<serde_json::Value>,
+    #[serde(default)]
+    pub return_meta: bool,
 }
 
 #[derive(Serialize)]
@@ -53,6 +59,8 @@ pub struct RankResult {
     pub score: f32,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub text: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub meta: Option<serde_json::Value>,
 }
 
 #[derive(Serialize)]
@@ -92,10 +100,12 @@ pub async fn rank(State(state): State<Arc<AppState>>, ApiJson(req): ApiJson<Rank
         candidates: req.candidates,
         ids: req.ids,
         approximate: req.approximate,
+        filter: req.filter,
         return_text: req.return_text,
+        return_meta: req.return_meta,
     };
     let Ranking(hits) = state.infer.rank(query).await?;
-    let results = hits.into_iter().map(|h| RankResult { id: h.id, score: h.score, text: h.text }).collect();
+    let results = hits.into_iter().map(|h| RankResult { id: h.id, score: h.score, text: h.text, meta: h.meta }).collect();
     Ok(Json(RankResponse { results, took_ms: started.elapsed().as_secs_f64() * 1e3 }))
 }
 
@@ -111,6 +121,51 @@ pub async fn encode(State(state): State<Arc<AppState>>, ApiJson(req): ApiJson<En
         (None, serde_json::Value::Array(rows))
     };
     Ok(Json(EncodeResponse { kind: req.kind, m, dim, embeddings, took_ms: started.elapsed().as_secs_f64() * 1e3 }))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct UpsertRequest {
+    pub candidates: Vec<Candidate>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DeleteRequest {
+    pub ids: Vec<String>,
+}
+
+#[derive(Serialize)]
+pub struct WriteResponse {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub upserted: Option<usize>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub deleted: Option<usize>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub not_found: Option<Vec<String>>,
+    pub pool_size: usize,
+    pub took_ms: f64,
+}
+
+pub async fn upsert(State(state): State<Arc<AppState>>, ApiJson(req): ApiJson<UpsertRequest>) -> Result<Json<WriteResponse>, ApiError> {
+    let started = Instant::now();
+    let n = req.candidates.len();
+    let w = state.infer.upsert(req.candidates).await?;
+    let took_ms = started.elapsed().as_secs_f64() * 1e3;
+    Ok(Json(WriteResponse { upserted: Some(n), deleted: None, not_found: None, pool_size: w.pool_size, took_ms }))
+}
+
+pub async fn delete(State(state): State<Arc<AppState>>, ApiJson(req): ApiJson<DeleteRequest>) -> Result<Json<WriteResponse>, ApiError> {
+    let started = Instant::now();
+    let n = req.ids.len();
+    let w = state.infer.delete(req.ids).await?;
+    let took_ms = started.elapsed().as_secs_f64() * 1e3;
+    let deleted = Some(n - w.missing.len());
+    Ok(Json(WriteResponse { upserted: None, deleted, not_found: Some(w.missing), pool_size: w.pool_size, took_ms }))
+}
+
+pub async fn get_candidate(State(state): State<Arc<AppState>>, Path(id): Path<String>) -> Result<Json<Candidate>, ApiError> {
+    state.infer.get(id.clone()).await?.map(Json).ok_or_else(|| ApiError::NoSuchCandidate(id))
 }
 
 pub async fn live() -> Json<serde_json::Value> {
@@ -138,7 +193,7 @@ pub async fn info(State(state): State<Arc<AppState>>) -> Json<serde_json::Value>
     let s = state.infer.status();
     let mut v = serde_json::to_value(s.info()).unwrap_or_default();
     v["version"] = env!("CARGO_PKG_VERSION").into();
-    v["pool_size"] = s.progress().1.into();
+    v["pool_size"] = if s.is_ready() { s.pool_size() } else { s.progress().1 }.into();
     v["ready"] = s.is_ready().into();
     v["cache_reused"] = s.cache_reused().into();
     v["fp16_candidates"] = state.config.fp16_candidates.into();

@@ -21,6 +21,8 @@ pub enum ApiError {
     Unauthorized,
     #[error("no route for this path")]
     NotFound,
+    #[error("no candidate with id {0:?} in the pool")]
+    NoSuchCandidate(String),
     #[error("method not allowed on this path")]
     MethodNotAllowed,
     #[error("server is busy: the request queue is full, retry shortly")]
@@ -41,7 +43,7 @@ impl ApiError {
             ApiError::TooLarge => StatusCode::PAYLOAD_TOO_LARGE,
             ApiError::UnsupportedMediaType => StatusCode::UNSUPPORTED_MEDIA_TYPE,
             ApiError::Unauthorized => StatusCode::UNAUTHORIZED,
-            ApiError::NotFound => StatusCode::NOT_FOUND,
+            ApiError::NotFound | ApiError::NoSuchCandidate(_) => StatusCode::NOT_FOUND,
             ApiError::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
             ApiError::Overloaded => StatusCode::TOO_MANY_REQUESTS,
             ApiError::NotReady(_) | ApiError::Timeout => StatusCode::SERVICE_UNAVAILABLE,
@@ -56,7 +58,7 @@ impl ApiError {
             ApiError::TooLarge => "payload_too_large",
             ApiError::UnsupportedMediaType => "unsupported_media_type",
             ApiError::Unauthorized => "unauthorized",
-            ApiError::NotFound => "not_found",
+            ApiError::NotFound | ApiError::NoSuchCandidate(_) => "not_found",
             ApiError::MethodNotAllowed => "method_not_allowed",
             ApiError::Overloaded => "overloaded",
             ApiError::NotReady(_) => "not_ready",

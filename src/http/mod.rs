@@ -37,6 +37,8 @@ pub(crate) fn router(state: Arc<AppState>) -> Router {
     let protected = Router::new()
         .route("/rank", post(api::rank))
         .route("/encode", post(api::encode))
+        .route("/candidates", post(api::upsert).delete(api::delete))
+        .route("/candidates/{id}", get(api::get_candidate))
         .route_layer(middleware::from_fn_with_state(state.clone(), require_api_key));
     // Probes get their own trace layer: a 503 from /health/ready while the pool loads is
     // expected, not an error worth an ERROR line every few seconds.

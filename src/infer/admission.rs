@@ -2,7 +2,7 @@
 //! per-request budget (`max_request_tokens`). Refusals are `InferError::Validation` (422).
 
 use super::InferError;
-use crate::pool::Pool;
+use crate::pool::store::Candidate;
 
 fn check_text(what: &str, t: &str, max_chars: usize) -> Result<(), InferError> {
     if t.trim().is_empty() {
@@ -62,26 +62,39 @@ pub(super) fn cost(enc: &[tokenizers::Encoding]) -> usize {
     enc.iter().map(|e| e.get_ids().len()).sum()
 }
 
-/// Pool rows of the requested ids; every unknown id is reported.
-pub(super) fn pool_rows(pool: &Pool, ids: &[String], max: usize) -> Result<Vec<i64>, InferError> {
+/// 1..=max ids, none twice (whether they are in the pool is for the inference thread to say:
+/// the pool changes).
+pub(super) fn check_ids(what: &str, ids: &[String], max: usize) -> Result<(), InferError> {
     if ids.is_empty() || ids.len() > max {
-        return Err(InferError::Validation(format!("ids must hold between 1 and {max} ids, got {}", ids.len())));
+        return Err(InferError::Validation(format!("{what} must hold between 1 and {max} ids, got {}", ids.len())));
     }
     let mut seen = std::collections::HashSet::with_capacity(ids.len());
     if let Some(dup) = ids.iter().find(|id| !seen.insert(id.as_str())) {
         return Err(InferError::Validation(format!("id {dup:?} is given more than once")));
     }
-    let mut rows = Vec::with_capacity(ids.len());
-    let mut unknown = Vec::new();
-    for id in ids {
-        match pool.position(id) {
-            Some(r) => rows.push(r as i64),
-            None => unknown.push(id.as_str()),
+    Ok(())
+}
+
+/// Longest accepted candidate id, in characters.
+pub(super) const MAX_ID_CHARS: usize = 256;
+
+/// A batch of candidates to upsert: ids valid and unique, texts valid, meta an object.
+pub(super) fn check_candidates(cands: &[Candidate], max_items: usize, max_chars: usize) -> Result<(), InferError> {
+    if cands.is_empty() || cands.len() > max_items {
+        return Err(InferError::Validation(format!("candidates must hold between 1 and {max_items} candidates, got {}", cands.len())));
+    }
+    let mut seen = std::collections::HashSet::with_capacity(cands.len());
+    for (i, c) in cands.iter().enumerate() {
+        if c.id.trim().is_empty() || c.id.chars().count() > MAX_ID_CHARS {
+            return Err(InferError::Validation(format!("candidates[{i}].id must be 1 to {MAX_ID_CHARS} characters, not blank")));
+        }
+        if !seen.insert(c.id.as_str()) {
+            return Err(InferError::Validation(format!("id {:?} is given more than once", c.id)));
+        }
+        check_text(&format!("candidates[{i}].text"), &c.text, max_chars)?;
+        if c.meta.as_ref().is_some_and(|m| !m.is_object()) {
+            return Err(InferError::Validation(format!("candidates[{i}].meta must be an object")));
         }
     }
-    if !unknown.is_empty() {
-        let shown: Vec<&str> = unknown.iter().take(10).copied().collect();
-        return Err(InferError::Validation(format!("{} ids are not in the pool: {shown:?}", unknown.len())));
-    }
-    Ok(rows)
+    Ok(())
 }

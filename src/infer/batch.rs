@@ -4,7 +4,8 @@
 //! leaves the batch as chunked work.
 
 use super::chunked::{Chunked, Then, CHUNK_TOKENS};
-use super::queue::{JobError, Output, Target, Work};
+use super::queue::{JobError, Output, PoolHit, Target, Want, Work};
+use crate::pool::filter::Filter;
 use super::worker::{Step, Worker};
 use crate::metrics as m;
 use crate::model::scoring::ContextVectors;
@@ -69,6 +70,9 @@ impl Worker {
                 }
                 Work::Encode { texts, kind: TextKind::Candidate } if small(texts) => cand_rows[i] = Some(distinct.add(texts)),
                 Work::Encode { texts, kind } => out[i] = Some(Step::Chunked(Chunked::new(*kind, texts.clone(), Then::Vectors))),
+                Work::Upsert { .. } | Work::Delete { .. } | Work::Get { .. } => {
+                    out[i] = Some(Step::Done(Err(JobError::Failed("a write reached the read path".into()))))
+                }
             }
         }
         let codes = (!ctx_encodings.is_empty()).then(|| self.ranker.context_codes(&ctx_encodings, ctx_encodings.len()));
@@ -77,6 +81,7 @@ impl Worker {
 
         let score_start = Instant::now();
         let model = &self.ranker.model;
+        let pool = self.pool.vectors();
         let mut pool_rows: Vec<(usize, i64, i64)> = Vec::new(); // (work, codes row, k)
         for (i, w) in works.iter().enumerate() {
             if out[i].is_some() {
@@ -86,16 +91,24 @@ impl Worker {
             let step = match (w, &codes, ctx_row[i]) {
                 (Work::Encode { kind: TextKind::Candidate, .. }, _, _) => Step::Done(Ok(vectors(&rows(cand_vectors.as_ref().expect("candidate pass"))))),
                 (Work::Encode { .. }, Some(codes), Some((row, n))) => Step::Done(Ok(vectors(&codes.y.narrow(0, row, n)))),
-                (Work::Rank { target, top_k, .. }, Some(codes), Some((row, _))) => {
+                (Work::Rank { target, top_k, want, .. }, Some(codes), Some((row, _))) => {
                     let c = codes.select(row);
                     match target {
-                        Target::Pool => {
+                        Target::Pool(None) => {
                             pool_rows.push((i, row, *top_k));
                             continue;
                         }
-                        Target::Subset(rows) => Step::Done(Ok(Output::Ranked(model.rank_rows(&c, &self.pool_vectors, rows, *top_k)))),
+                        // Only the matching rows are scored.
+                        Target::Pool(Some(filter)) => {
+                            let rows = self.pool.filter_rows(filter);
+                            Step::Done(Ok(self.hits(model.rank_rows(&c, &pool, &rows, *top_k), *want)))
+                        }
+                        Target::Ids(ids, filter) => match self.id_rows(ids, filter.as_ref()) {
+                            Ok(rows) => Step::Done(Ok(self.hits(model.rank_rows(&c, &pool, &rows, *top_k), *want))),
+                            Err(e) => Step::Done(Err(e)),
+                        },
                         Target::Approximate(preselect) => {
-                            Step::Done(Ok(Output::Ranked(model.rank_approximate(&c, &self.pool_vectors, *preselect, *top_k))))
+                            Step::Done(Ok(self.hits(model.rank_approximate(&c, &pool, *preselect, *top_k), *want)))
                         }
                         Target::Inline(_) if cand_rows[i].is_some() => {
                             let cands = rows(cand_vectors.as_ref().expect("candidate pass"));
@@ -116,14 +129,53 @@ impl Worker {
             let rows = Tensor::from_slice(&pool_rows.iter().map(|p| p.1).collect::<Vec<_>>()).to_device(codes.y.device());
             let sub = ContextVectors { y: codes.y.index_select(0, &rows), mask: codes.mask.index_select(0, &rows) };
             let ks: Vec<i64> = pool_rows.iter().map(|p| p.2).collect();
-            for (ranked, &(i, _, _)) in model.rank(&sub, &self.pool_vectors, &ks).into_iter().zip(&pool_rows) {
-                out[i] = Some(Step::Done(Ok(Output::Ranked(ranked))));
+            for (ranked, &(i, _, _)) in model.rank(&sub, &pool, &ks).into_iter().zip(&pool_rows) {
+                let Work::Rank { want, .. } = works[i] else { unreachable!("pool rows come from rank work") };
+                out[i] = Some(Step::Done(Ok(self.hits(ranked, *want))));
             }
         }
         metrics::histogram!(m::STAGE_SECONDS, "stage" => "score").record(score_start.elapsed().as_secs_f64());
         out.into_iter().map(|o| o.unwrap_or_else(|| Step::Done(Err(JobError::Failed("work was not handled".into()))))).collect()
     }
 
+    /// Pool rows to ids (and texts, meta), now, while the pool is as it was ranked.
+    fn hits(&self, ranked: Vec<(i64, f32)>, want: Want) -> Output {
+        Output::Hits(
+            ranked
+                .into_iter()
+                .map(|(row, score)| {
+                    let c = self.pool.candidate(row as usize);
+                    PoolHit {
+                        id: c.id.clone(),
+                        score,
+                        text: want.text.then(|| c.text.clone()),
+                        meta: if want.meta { c.meta.clone() } else { None },
+                    }
+                })
+                .collect(),
+        )
+    }
+
+    /// Rows of the requested ids (every unknown id reported), kept if they pass the filter.
+    fn id_rows(&self, ids: &[String], filter: Option<&Filter>) -> Result<Vec<i64>, JobError> {
+        let mut rows = Vec::with_capacity(ids.len());
+        let mut unknown = Vec::new();
+        for id in ids {
+            match self.pool.row(id) {
+                Some(r) => rows.push(r),
+                None => unknown.push(id.as_str()),
+            }
+        }
+        if !unknown.is_empty() {
+            let shown: Vec<&str> = unknown.iter().take(10).copied().collect();
+            return Err(JobError::Invalid(format!("{} ids are not in the pool: {shown:?}", unknown.len())));
+        }
+        Ok(rows
+            .into_iter()
+            .filter(|&r| filter.is_none_or(|f| f.matches(self.pool.candidate(r).meta.as_ref())))
+            .map(|r| r as i64)
+            .collect())
+    }
 }
 
 pub(super) fn vectors(t: &Tensor) -> Output {

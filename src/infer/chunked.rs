@@ -6,6 +6,7 @@ use super::batch::vectors;
 use super::queue::{Job, JobError, Output};
 use super::ranker::Ranker;
 use crate::model::scoring::ContextVectors;
+use crate::pool::store::Candidate;
 use crate::text::TextKind;
 use std::time::Instant;
 use tch::Tensor;
@@ -21,6 +22,14 @@ pub(super) enum Then {
     Rank { codes: ContextVectors, top_k: i64 },
     /// Return them (/encode).
     Vectors,
+    /// Hand them to the worker with the candidates, to be stored and applied.
+    Upsert(Vec<Candidate>),
+}
+
+/// What a finished chunked job yields.
+pub(super) enum Finished {
+    Output(Output),
+    Upsert(Vec<Candidate>, Tensor),
 }
 
 pub(super) struct Chunked {
@@ -61,7 +70,7 @@ impl Chunked {
     }
 
     /// Encodes the next chunk; the job's output once the last one is done.
-    pub(super) fn advance(&mut self, ranker: &Ranker, batch_size: usize) -> Option<Output> {
+    pub(super) fn advance(&mut self, ranker: &Ranker, batch_size: usize) -> Option<Finished> {
         let mut end = self.next;
         let mut tokens = 0;
         while end < self.texts.len() && (end == self.next || tokens + self.texts[end].get_ids().len() <= CHUNK_TOKENS) {
@@ -78,9 +87,10 @@ impl Chunked {
             return None;
         }
         let v = Tensor::cat(&self.parts, 0);
-        Some(match &self.then {
-            Then::Rank { codes, top_k } => Output::Ranked(ranker.model.rank(codes, &v, &[*top_k]).swap_remove(0)),
-            Then::Vectors => vectors(&v),
+        Some(match &mut self.then {
+            Then::Rank { codes, top_k } => Finished::Output(Output::Ranked(ranker.model.rank(codes, &v, &[*top_k]).swap_remove(0))),
+            Then::Vectors => Finished::Output(vectors(&v)),
+            Then::Upsert(cands) => Finished::Upsert(std::mem::take(cands), v),
         })
     }
 }

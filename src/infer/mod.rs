@@ -8,21 +8,24 @@
 //! for eval, training and the CLI.
 
 pub mod admission;
+mod writes;
 mod batch;
 mod chunked;
-mod pool_vectors;
 mod queue;
 pub mod ranker;
+mod startup;
 pub mod status;
+mod store;
 mod worker;
 
 use crate::config::Config;
 use crate::metrics as m;
 pub use crate::text::TextKind;
 use crate::text::Tokenizer;
-use admission::{check_texts, check_turns, cost, least_tokens, pool_rows, within_budget};
+use admission::{check_ids, check_texts, check_turns, cost, least_tokens, within_budget};
+use crate::pool::filter::Filter;
 use anyhow::Result;
-use queue::{JobError, Output, Queue, SubmitError, Target, Work};
+use queue::{JobError, Output, Queue, SubmitError, Target, Want, Work};
 use status::Status;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -54,7 +57,10 @@ pub struct RankQuery {
     pub ids: Option<Vec<String>>,
     /// Rank the pool approximately (`approx_preselect`).
     pub approximate: bool,
+    /// Rank only pool candidates whose meta passes this (`pool::filter`).
+    pub filter: Option<serde_json::Value>,
     pub return_text: bool,
+    pub return_meta: bool,
 }
 
 pub struct Hit {
@@ -62,6 +68,8 @@ pub struct Hit {
     pub score: f32,
     /// With `return_text`.
     pub text: Option<String>,
+    /// With `return_meta`, for pool candidates that have meta.
+    pub meta: Option<serde_json::Value>,
 }
 
 /// Best first.
@@ -104,7 +112,6 @@ impl Infer {
         let started = Instant::now();
         self.ensure_ready()?;
         let c = &self.config;
-        let pool = self.status.pool().expect("pool set before ready").clone();
         check_turns(&q.context, c.max_text_chars)?;
         let top_k = q.top_k.unwrap_or(c.default_top_k);
         if !(1..=c.max_top_k).contains(&top_k) {
@@ -116,6 +123,14 @@ impl Infer {
         if q.approximate && (q.candidates.is_some() || q.ids.is_some()) {
             return Err(InferError::Validation("approximate ranks the pool; it cannot be combined with candidates or ids".into()));
         }
+        let filter = match &q.filter {
+            Some(_) if q.candidates.is_some() => {
+                return Err(InferError::Validation("filter selects pool candidates by meta; it cannot be combined with inline candidates".into()))
+            }
+            Some(_) if q.approximate => return Err(InferError::Validation("filter cannot be combined with approximate".into())),
+            Some(f) => Some(Filter::parse(f).map_err(InferError::Validation)?),
+            None => None,
+        };
         let joined = self.tokenizer.join_turns(&q.context);
         let (max_ctx, max_cand) = self.lengths();
         let target = match (&q.candidates, &q.ids) {
@@ -125,28 +140,35 @@ impl Infer {
                 within_budget(c.max_request_tokens, least, true)?;
                 Target::Inline(self.tokenize(cands.clone(), TextKind::Candidate).await?)
             }
-            (None, Some(ids)) => Target::Subset(pool_rows(&pool, ids, c.max_inline_candidates)?),
+            (None, Some(ids)) => {
+                check_ids("ids", ids, c.max_inline_candidates)?;
+                Target::Ids(ids.clone(), filter)
+            }
             (None, None) if q.approximate => Target::Approximate(c.approx_preselect as i64),
-            (None, None) => Target::Pool,
+            (None, None) => Target::Pool(filter),
         };
         let context = self.tokenize(vec![joined], TextKind::Context).await?.remove(0);
         if let Target::Inline(cands) = &target {
             within_budget(c.max_request_tokens, context.get_ids().len() + cost(cands), false)?;
         }
-        let Output::Ranked(ranked) = self.run(Work::Rank { context, target, top_k }, started).await? else {
-            return Err(InferError::Failed("a rank job was answered with vectors".into()));
+        let want = Want { text: q.return_text, meta: q.return_meta };
+        let hits = match self.run(Work::Rank { context, target, top_k, want }, started).await? {
+            Output::Hits(hits) => hits.into_iter().map(|h| Hit { id: h.id, score: h.score, text: h.text, meta: h.meta }).collect(),
+            // Inline candidates: ids are positions in the request.
+            Output::Ranked(ranked) => {
+                let texts = q.candidates.unwrap_or_default();
+                ranked
+                    .into_iter()
+                    .map(|(row, score)| Hit {
+                        id: row.to_string(),
+                        score,
+                        text: q.return_text.then(|| texts[row as usize].clone()),
+                        meta: None,
+                    })
+                    .collect()
+            }
+            _ => return Err(InferError::Failed("a rank job was answered with something else".into())),
         };
-        let hits = ranked
-            .into_iter()
-            .map(|(row, score)| {
-                let row = row as usize;
-                let (id, text) = match &q.candidates {
-                    Some(c) => (row.to_string(), &c[row]),
-                    None => (pool.ids[row].clone(), &pool.texts[row]),
-                };
-                Hit { id, score, text: q.return_text.then(|| text.clone()) }
-            })
-            .collect();
         Ok(Ranking(hits))
     }
 
@@ -162,11 +184,11 @@ impl Infer {
         within_budget(c.max_request_tokens, cost(&enc), false)?;
         match self.run(Work::Encode { texts: enc, kind }, started).await? {
             Output::Vectors { shape, data } => Ok(Vectors { shape, data }),
-            Output::Ranked(_) => Err(InferError::Failed("an encode job was answered with a ranking".into())),
+            _ => Err(InferError::Failed("an encode job was answered with something else".into())),
         }
     }
 
-    fn ensure_ready(&self) -> Result<(), InferError> {
+    pub(super) fn ensure_ready(&self) -> Result<(), InferError> {
         let s = &self.status;
         if s.is_ready() {
             return Ok(());
@@ -180,13 +202,13 @@ impl Infer {
         }))
     }
 
-    fn lengths(&self) -> (usize, usize) {
+    pub(super) fn lengths(&self) -> (usize, usize) {
         let info = self.status.info().expect("model info set before start returns");
         (info.max_context_tokens, info.max_candidate_tokens)
     }
 
     /// Tokenizing a long text takes real CPU time: keep it off the async workers.
-    async fn tokenize(&self, texts: Vec<String>, kind: TextKind) -> Result<Vec<Encoding>, InferError> {
+    pub(super) async fn tokenize(&self, texts: Vec<String>, kind: TextKind) -> Result<Vec<Encoding>, InferError> {
         let t0 = Instant::now();
         let tokenizer = self.tokenizer.clone();
         let enc = tokio::task::spawn_blocking(move || tokenizer.tokenize(&texts, kind))
@@ -198,7 +220,7 @@ impl Infer {
     }
 
     /// Queues the work and waits for its answer until the request's deadline.
-    async fn run(&self, work: Work, started: Instant) -> Result<Output, InferError> {
+    pub(super) async fn run(&self, work: Work, started: Instant) -> Result<Output, InferError> {
         let deadline = started + Duration::from_millis(self.config.request_timeout_ms);
         let rx = self.queue.submit(work, deadline).map_err(|e| match e {
             SubmitError::Full => {
@@ -215,6 +237,7 @@ impl Infer {
                 metrics::counter!(m::REJECTED).increment(1);
                 Err(InferError::Overloaded)
             }
+            Ok(Ok(Err(JobError::Invalid(e)))) => Err(InferError::Validation(e)),
             Ok(Ok(Err(JobError::Failed(e)))) => Err(InferError::Failed(e)),
             Ok(Ok(Ok(out))) => Ok(out),
         }

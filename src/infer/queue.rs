@@ -1,6 +1,8 @@
 //! The queue between the handle and the inference thread: jobs, their replies, and the
 //! batcher that merges waiting jobs by count and token budget.
 
+use crate::pool::filter::Filter;
+use crate::pool::store::Candidate;
 use crate::text::TextKind;
 use std::sync::mpsc::{Receiver, RecvTimeoutError, SyncSender, TrySendError};
 use std::time::{Duration, Instant};
@@ -9,10 +11,11 @@ use tokio::sync::oneshot;
 
 /// What the candidates of a rank job are.
 pub(crate) enum Target {
-    /// The whole cached pool.
-    Pool,
-    /// Rows of the pool, by position.
-    Subset(Vec<i64>),
+    /// The pool, or the part of it whose meta passes the filter.
+    Pool(Option<Filter>),
+    /// Pool candidates by id (resolved on the inference thread: the pool changes), and of
+    /// those the ones that pass the filter.
+    Ids(Vec<String>, Option<Filter>),
     /// Texts sent with the request, tokenized.
     Inline(Vec<Encoding>),
     /// The pool, approximately: only the `preselect` rows that score best against the mean of
@@ -20,16 +23,39 @@ pub(crate) enum Target {
     Approximate(i64),
 }
 
+/// What a pool hit carries besides id and score.
+#[derive(Clone, Copy, Default)]
+pub(crate) struct Want {
+    pub(crate) text: bool,
+    pub(crate) meta: bool,
+}
+
 pub(crate) enum Work {
-    Rank { context: Encoding, target: Target, top_k: i64 },
+    Rank { context: Encoding, target: Target, top_k: i64, want: Want },
     Encode { texts: Vec<Encoding>, kind: TextKind },
+    /// Encode the texts, log the batch durably, then apply it.
+    Upsert { candidates: Vec<Candidate>, texts: Vec<Encoding> },
+    Delete { ids: Vec<String> },
+    Get { id: String },
 }
 
 pub(crate) enum Output {
-    /// `(row, score)` best first; rows index the target's candidates.
+    /// Inline candidates: `(position, score)` best first.
     Ranked(Vec<(i64, f32)>),
+    /// Pool candidates, best first, resolved while the pool was as ranked.
+    Hits(Vec<PoolHit>),
     /// Row-major vectors with their shape: `[B, d]` or `[B, m, d]`.
     Vectors { shape: Vec<usize>, data: Vec<f32> },
+    /// A write is on disk and applied: the ids a delete did not find, and the pool's size.
+    Written { missing: Vec<String>, pool_size: usize },
+    Found(Option<Candidate>),
+}
+
+pub(crate) struct PoolHit {
+    pub(crate) id: String,
+    pub(crate) score: f32,
+    pub(crate) text: Option<String>,
+    pub(crate) meta: Option<serde_json::Value>,
 }
 
 /// Why the inference thread did not answer a job with an output.
@@ -39,6 +65,8 @@ pub(crate) enum JobError {
     Timeout,
     /// Too much large work already waits for this one to finish inside its deadline.
     Overloaded,
+    /// The request does not fit the pool as it is (unknown ids).
+    Invalid(String),
     Failed(String),
 }
 
@@ -64,7 +92,8 @@ impl Job {
             Work::Rank { context, target, .. } => {
                 len(context) + if let Target::Inline(c) = target { c.iter().map(len).sum() } else { 0 }
             }
-            Work::Encode { texts, .. } => texts.iter().map(len).sum(),
+            Work::Encode { texts, .. } | Work::Upsert { texts, .. } => texts.iter().map(len).sum(),
+            Work::Delete { .. } | Work::Get { .. } => 0,
         }
     }
 }

@@ -1,10 +1,9 @@
 //! What the rest of the process may know about the inference thread: startup progress,
-//! readiness or the failure that ended it, the model's facts and the pool's texts.
+//! readiness or the failure that ended it, the model's facts and the pool's size.
 
 use crate::model::format::Mode;
-use crate::pool::Pool;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex, OnceLock};
+use std::sync::{Mutex, OnceLock};
 
 /// Model facts reported by /info, fixed once the model is loaded.
 #[derive(Debug, Clone, serde::Serialize)]
@@ -29,7 +28,7 @@ pub struct Status {
     cache_reused: AtomicBool,
     failure: Mutex<Option<String>>,
     info: OnceLock<ModelInfo>,
-    pool: OnceLock<Arc<Pool>>,
+    pool_size: AtomicUsize,
     /// Set at shutdown: the inference thread stops at its next chunk boundary.
     stopping: AtomicBool,
 }
@@ -52,8 +51,9 @@ impl Status {
     pub fn info(&self) -> Option<&ModelInfo> {
         self.info.get()
     }
-    pub fn pool(&self) -> Option<&Arc<Pool>> {
-        self.pool.get()
+    /// Candidates in the pool now (0 until ready).
+    pub fn pool_size(&self) -> usize {
+        self.pool_size.load(Ordering::Acquire)
     }
 
     pub(super) fn stopping(&self) -> bool {
@@ -62,9 +62,12 @@ impl Status {
     pub(super) fn stop(&self) {
         self.stopping.store(true, Ordering::Release)
     }
-    pub(super) fn set_pool(&self, pool: Arc<Pool>) {
-        self.total.store(pool.len(), Ordering::Release);
-        self.pool.set(pool).ok();
+    /// How many candidates startup encodes (progress's denominator).
+    pub(super) fn set_total(&self, n: usize) {
+        self.total.store(n, Ordering::Release);
+    }
+    pub(super) fn set_pool_size(&self, n: usize) {
+        self.pool_size.store(n, Ordering::Release);
     }
     pub(super) fn set_info(&self, info: ModelInfo) {
         self.info.set(info).ok();

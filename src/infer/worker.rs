@@ -5,14 +5,17 @@
 //! a time (`chunked.rs`), between batches of other work, and dropped between chunks once its
 //! deadline passed or its client went away.
 
-use super::chunked::Chunked;
-use super::queue::{collect, BatchLimits, Job, JobError, Reply, Work};
+use super::chunked::{Chunked, Finished, Then};
+use super::queue::{collect, BatchLimits, Job, JobError, Output, Reply, Work};
 use super::ranker::Ranker;
 use super::status::{ModelInfo, Status};
+use super::store::Store;
 use crate::config::{num_cpus, Config};
 use crate::metrics as m;
 use crate::pool::cache::PoolCache;
-use crate::pool::Pool;
+use crate::pool::live::LivePool;
+use crate::pool::store::Op;
+use crate::text::TextKind;
 use anyhow::{Context, Result};
 use std::collections::VecDeque;
 use std::sync::mpsc::{Receiver, RecvTimeoutError, TryRecvError};
@@ -57,10 +60,8 @@ impl Drop for Inference {
 /// N = 100k took 44 ms instead of 36 ms and a context encoding 9 ms instead of 5 ms.
 pub(super) fn spawn(config: &Config, rx: Receiver<Job>, status: Arc<Status>) -> Result<Inference> {
     let device = config.device()?;
-    let pool = Arc::new(Pool::load(&config.candidates)?);
     let settings = crate::model::format::PolySettings::load(config.model_dir())?;
     let cache = PoolCache::new(&config.cache_dir, config.model_dir(), &settings, &config.candidates)?;
-    status.set_pool(pool.clone());
     let (loaded_tx, loaded_rx) = std::sync::mpsc::channel::<Result<()>>();
     let (config, thread_status) = (config.clone(), status.clone());
     let thread = std::thread::Builder::new().name("inference".into()).spawn(move || {
@@ -91,8 +92,9 @@ pub(super) fn spawn(config: &Config, rx: Receiver<Job>, status: Arc<Status>) -> 
             max_batch_tokens: config.max_batch_tokens,
             max_wait: Duration::from_millis(config.max_wait_ms),
         };
-        let worker = Worker { ranker, config, limits, status: thread_status, pool_vectors: Tensor::new(), chunk_rate: Default::default() };
-        worker.run(rx, &pool, &cache)
+        let pool = LivePool::new(Vec::new(), Tensor::zeros([0, ranker.model.dim()], (Kind::Float, device)));
+        let worker = Worker { ranker, config, limits, status: thread_status, pool, store: None, chunk_rate: Default::default() };
+        worker.run(rx, &cache)
     })?;
     loaded_rx.recv().context("the inference thread ended during the model load")??;
     Ok(Inference { thread: Some(thread), status })
@@ -103,22 +105,26 @@ pub(super) struct Worker {
     pub(super) config: Config,
     limits: BatchLimits,
     pub(super) status: Arc<Status>,
-    /// `[N, d]` on the model's device.
-    pub(super) pool_vectors: Tensor,
+    /// The candidates and their vectors (on the model's device).
+    pub(super) pool: LivePool,
+    /// Set once the pool is open.
+    store: Option<Store>,
     /// Measured tokens per second of chunked encoding (0 until the first chunk).
     chunk_rate: std::cell::Cell<f64>,
 }
 
 impl Worker {
-    fn run(mut self, rx: Receiver<Job>, pool: &Pool, cache: &PoolCache) {
+    fn run(mut self, rx: Receiver<Job>, cache: &PoolCache) {
         let _guard = tch::no_grad_guard();
-        match self.load_pool(pool, cache) {
-            Ok(v) => {
-                let v = if self.config.fp16_candidates { v.to_kind(Kind::Half) } else { v };
-                self.pool_vectors = v.to_device(self.ranker.model.device);
-                metrics::gauge!(m::POOL_SIZE).set(pool.len() as f64);
+        let files = self.config.candidates.clone();
+        match self.open_pool(&files, cache) {
+            Ok((pool, store)) => {
+                self.pool = pool;
+                self.store = Some(store);
+                metrics::gauge!(m::POOL_SIZE).set(self.pool.len() as f64);
+                self.status.set_pool_size(self.pool.len());
                 self.status.set_ready();
-                tracing::info!(candidates = pool.len(), "ready");
+                tracing::info!(candidates = self.pool.len(), "ready");
                 cache.clean(self.config.cache_keep);
             }
             Err(_) if self.status.stopping() => return,
@@ -138,9 +144,12 @@ impl Worker {
         if let Some(j) = carry {
             let _ = j.reply.send(Err(JobError::Failed("the server is shutting down".into())));
         }
+        if let Some(store) = self.store.as_mut() {
+            store.finish();
+        }
     }
 
-    fn serve(&self, rx: &Receiver<Job>, carry: &mut Option<Job>, pending: &mut VecDeque<Chunked>) {
+    fn serve(&mut self, rx: &Receiver<Job>, carry: &mut Option<Job>, pending: &mut VecDeque<Chunked>) {
         while !self.status.stopping() {
             let first = match carry.take() {
                 Some(j) => Some(j),
@@ -165,7 +174,7 @@ impl Worker {
         }
     }
 
-    fn process(&self, batch: Vec<Job>, pending: &mut VecDeque<Chunked>) {
+    fn process(&mut self, batch: Vec<Job>, pending: &mut VecDeque<Chunked>) {
         let now = Instant::now();
         metrics::histogram!(m::BATCH_SIZE).record(batch.len() as f64);
         let (live, dead): (Vec<Job>, Vec<Job>) = batch.into_iter().partition(|j| j.alive(now));
@@ -175,9 +184,18 @@ impl Worker {
         for j in &live {
             metrics::histogram!(m::STAGE_SECONDS, "stage" => "queue").record((now - j.enqueued).as_secs_f64());
         }
-        let works: Vec<&Work> = live.iter().map(|j| &j.work).collect();
-        let steps = guarded(|| self.run_batch(&works), live.len());
-        for (j, step) in live.into_iter().zip(steps) {
+        // Reads first, all against the pool as it is; then the writes, in arrival order, each
+        // whole: no ranking sees half of one.
+        let (reads, writes): (Vec<Job>, Vec<Job>) =
+            live.into_iter().partition(|j| matches!(j.work, Work::Rank { .. } | Work::Encode { .. }));
+        let works: Vec<&Work> = reads.iter().map(|j| &j.work).collect();
+        let mut steps = guarded(|| self.run_batch(&works), reads.len());
+        let mut jobs = reads;
+        for j in writes {
+            steps.push(self.write(&j.work));
+            jobs.push(j);
+        }
+        for (j, step) in jobs.into_iter().zip(steps) {
             match step {
                 Step::Done(out) => {
                     let _ = j.reply.send(out);
@@ -206,7 +224,7 @@ impl Worker {
     /// One chunk of the oldest chunked job still wanted (first in, first finished: jobs
     /// complete in turn instead of all slowing down together); jobs past their deadline or
     /// whose client left are dropped here, between chunks, so they free the thread at once.
-    fn advance_one(&self, pending: &mut VecDeque<Chunked>) {
+    fn advance_one(&mut self, pending: &mut VecDeque<Chunked>) {
         while let Some(mut c) = pending.pop_front() {
             if !c.alive(Instant::now()) {
                 c.answer(Err(JobError::Timeout));
@@ -223,11 +241,36 @@ impl Worker {
             self.chunk_rate.set(if old > 0.0 { 0.8 * old + 0.2 * rate } else { rate });
             match step {
                 Ok(None) => pending.push_front(c),
-                Ok(Some(out)) => c.answer(Ok(out)),
+                Ok(Some(Finished::Output(out))) => c.answer(Ok(out)),
+                Ok(Some(Finished::Upsert(cands, vectors))) => {
+                    let v: Vec<f32> = Vec::try_from(vectors.to_device(tch::Device::Cpu).to_kind(Kind::Float).contiguous().view([-1])).unwrap_or_default();
+                    c.answer(self.apply(Op::Upsert(cands, v)));
+                }
                 Err(p) => c.answer(Err(JobError::Failed(panic_message(p)))),
             }
             return;
         }
+    }
+}
+
+impl Worker {
+    /// A write or a lookup. Upserts are encoded as chunked work first (between batches, like
+    /// any large job) and applied when their last chunk is done.
+    fn write(&mut self, work: &Work) -> Step {
+        match work {
+            Work::Upsert { candidates, texts } => Step::Chunked(Chunked::new(TextKind::Candidate, texts.clone(), Then::Upsert(candidates.clone()))),
+            Work::Delete { ids } => Step::Done(self.apply(Op::Delete(ids.clone()))),
+            Work::Get { id } => Step::Done(Ok(Output::Found(self.pool.row(id).map(|r| self.pool.candidate(r).clone())))),
+            Work::Rank { .. } | Work::Encode { .. } => Step::Done(Err(JobError::Failed("a read reached the write path".into()))),
+        }
+    }
+
+    /// Logs the write durably, applies it, answers with what it did.
+    fn apply(&mut self, op: Op) -> Reply {
+        let store = self.store.as_mut().ok_or_else(|| JobError::Failed("the store is not open".into()))?;
+        let missing = store.write(&mut self.pool, op).map_err(|e| JobError::Failed(format!("the write was not stored: {e:#}")))?;
+        self.status.set_pool_size(self.pool.len());
+        Ok(Output::Written { missing, pool_size: self.pool.len() })
     }
 }
 

@@ -1,6 +1,9 @@
 //! The candidate pool as text: read from plain-text (one candidate per line) and JSONL
 //! (`{"id", "text", "meta"?}`) files. Ids must be unique across files.
 pub mod cache;
+pub mod filter;
+pub mod live;
+pub mod store;
 
 
 use anyhow::{bail, Context, Result};

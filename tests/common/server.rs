@@ -62,6 +62,14 @@ impl Server {
             .env_remove("POLYRANK_API_KEY")
             .stdout(Stdio::null())
             .stderr(Stdio::piped());
+        // The live pool's store beside the cache, unless the test sets it (a baseline binary
+        // from before the store knows no such flag).
+        let store_given = s.args.iter().any(|a| a == "--store-dir") || s.env.iter().any(|(k, _)| k == "POLYRANK_STORE_DIR");
+        if s.bin.is_none() && !store_given {
+            let mut store = s.cache.clone().into_os_string();
+            store.push("-store");
+            cmd.arg("--store-dir").arg(store);
+        }
         for (k, v) in &s.env {
             cmd.env(k, v);
         }

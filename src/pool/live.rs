@@ -1,0 +1,148 @@
+//! The pool in memory, as the inference thread owns it: candidates, their vectors as one
+//! dense `[n, d]` matrix (the scoring kernel's input), an id → row map and the meta index.
+//! Writes are applied whole between batches, so a ranking sees a write entirely or not at
+//! all; deletes move the last row into the hole, so the matrix never holds dead rows.
+
+use super::filter::{Filter, MetaIndex};
+use super::store::Candidate;
+use std::collections::HashMap;
+use tch::{Device, Kind, Tensor};
+
+pub struct LivePool {
+    candidates: Vec<Candidate>,
+    row_of: HashMap<String, usize>,
+    /// `[capacity, d]`; rows `0..n` are live. Spare rows make appends amortised O(k·d).
+    storage: Tensor,
+    index: MetaIndex,
+}
+
+impl LivePool {
+    /// `vectors`: `[n, d]`, already in the kind and on the device scoring uses.
+    pub fn new(candidates: Vec<Candidate>, vectors: Tensor) -> Self {
+        let mut index = MetaIndex::default();
+        let mut row_of = HashMap::with_capacity(candidates.len());
+        for (r, c) in candidates.iter().enumerate() {
+            row_of.insert(c.id.clone(), r);
+            index.add(&c.id, c.meta.as_ref());
+        }
+        LivePool { candidates, row_of, storage: vectors, index }
+    }
+
+    pub fn len(&self) -> usize {
+        self.candidates.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.candidates.is_empty()
+    }
+
+    /// The live rows, `[n, d]` (a view, no copy).
+    pub fn vectors(&self) -> Tensor {
+        self.storage.narrow(0, 0, self.len() as i64)
+    }
+
+    pub fn row(&self, id: &str) -> Option<usize> {
+        self.row_of.get(id).copied()
+    }
+
+    pub fn candidate(&self, row: usize) -> &Candidate {
+        &self.candidates[row]
+    }
+
+    pub fn candidates(&self) -> &[Candidate] {
+        &self.candidates
+    }
+
+    /// Inserts or replaces candidates (ids unique within the batch) with their `[k, d]`
+    /// vectors.
+    pub fn upsert(&mut self, batch: Vec<Candidate>, vectors: &Tensor) {
+        let vectors = vectors.to_kind(self.storage.kind()).to_device(self.storage.device());
+        let mut new_rows = Vec::new();
+        for (i, c) in batch.into_iter().enumerate() {
+            match self.row_of.get(&c.id).copied() {
+                Some(r) => {
+                    self.storage.get(r as i64).copy_(&vectors.get(i as i64));
+                    self.index.remove(&c.id, self.candidates[r].meta.as_ref());
+                    self.index.add(&c.id, c.meta.as_ref());
+                    self.candidates[r] = c;
+                }
+                None => new_rows.push((i as i64, c)),
+            }
+        }
+        if new_rows.is_empty() {
+            return;
+        }
+        let (n, k) = (self.len() as i64, new_rows.len() as i64);
+        self.reserve((n + k) as usize);
+        let idx = Tensor::from_slice(&new_rows.iter().map(|(i, _)| *i).collect::<Vec<_>>()).to_device(vectors.device());
+        self.storage.narrow(0, n, k).copy_(&vectors.index_select(0, &idx));
+        for (_, c) in new_rows {
+            self.row_of.insert(c.id.clone(), self.candidates.len());
+            self.index.add(&c.id, c.meta.as_ref());
+            self.candidates.push(c);
+        }
+    }
+
+    /// Removes the ids that are present; returns those that were not.
+    pub fn delete(&mut self, ids: &[String]) -> Vec<String> {
+        let mut missing = Vec::new();
+        for id in ids {
+            let Some(r) = self.row_of.remove(id) else {
+                missing.push(id.clone());
+                continue;
+            };
+            let last = self.len() - 1;
+            if r != last {
+                let moved = self.storage.get(last as i64);
+                self.storage.get(r as i64).copy_(&moved);
+                self.candidates.swap(r, last);
+                self.row_of.insert(self.candidates[r].id.clone(), r);
+            }
+            let gone = self.candidates.pop().expect("a row to remove");
+            self.index.remove(&gone.id, gone.meta.as_ref());
+        }
+        missing
+    }
+
+    /// Rows whose meta passes `filter`, ascending; every row for an empty filter.
+    pub fn filter_rows(&self, filter: &Filter) -> Vec<i64> {
+        if filter.is_empty() {
+            return (0..self.len() as i64).collect();
+        }
+        let mut rows: Vec<i64> = self
+            .index
+            .candidates(filter)
+            .into_iter()
+            .filter_map(|id| self.row_of.get(id).copied())
+            .filter(|&r| filter.matches(self.candidates[r].meta.as_ref()))
+            .map(|r| r as i64)
+            .collect();
+        rows.sort_unstable();
+        rows
+    }
+
+    /// Room for `rows` rows: the matrix doubles when it runs out.
+    fn reserve(&mut self, rows: usize) {
+        let (cap, d) = self.storage.size2().expect("[capacity, d]");
+        if rows as i64 <= cap {
+            return;
+        }
+        let new_cap = (rows as i64).max(cap * 2).max(1024);
+        let grown = Tensor::zeros([new_cap, d], (self.storage.kind(), self.storage.device()));
+        let n = self.len() as i64;
+        grown.narrow(0, 0, n).copy_(&self.storage.narrow(0, 0, n));
+        self.storage = grown;
+    }
+
+    /// The same pool with its matrix in `kind` on `device` (startup builds it on the CPU).
+    pub fn to(mut self, device: Device, kind: Kind) -> Self {
+        self.storage = self.storage.to_device(device).to_kind(kind);
+        self
+    }
+
+    /// The live vectors as fp32 on the CPU, row-major, for the snapshot.
+    pub fn vectors_f32(&self) -> Vec<f32> {
+        let v = self.vectors().to_device(Device::Cpu).to_kind(Kind::Float).contiguous();
+        Vec::try_from(v.view([-1])).unwrap_or_default()
+    }
+}
