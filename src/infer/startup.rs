@@ -9,7 +9,7 @@ use super::worker::Worker;
 use crate::metrics as m;
 use crate::pool::cache::PoolCache;
 use crate::pool::live::LivePool;
-use crate::pool::store::{read_log, read_snapshot, Candidate, Op, OLD_WAL_FILE, WAL_FILE};
+use crate::pool::store::{read_log, read_snapshot, seed_hash, vectors_key, Candidate, Op, OLD_WAL_FILE, WAL_FILE};
 use crate::pool::Pool;
 use crate::text::TextKind;
 use anyhow::{Context, Result};
@@ -18,20 +18,24 @@ use std::time::{Duration, Instant};
 use tch::{Kind, Tensor};
 
 impl Worker {
-    pub(super) fn open_pool(&self, files: &[PathBuf], cache: &PoolCache) -> Result<(LivePool, Store)> {
+    /// The pool, its store, and the pool cache when seeding used it (to be cleaned).
+    pub(super) fn open_pool(&self, files: &[PathBuf]) -> Result<(LivePool, Store, Option<PoolCache>)> {
         let dir = self.config.store_dir.clone();
         std::fs::create_dir_all(&dir).with_context(|| format!("creating the store directory {}", dir.display()))?;
-        let key = crate::fingerprint::encoder_fingerprint(self.config.model_dir(), &self.ranker.model.settings, b"candidate vectors")?;
+        let key = vectors_key(self.config.model_dir(), &self.ranker.model.settings)?;
         let seed_hash = seed_hash(files)?;
         let snapshot = read_snapshot(&dir)?;
         let mut logs = read_log(&dir.join(OLD_WAL_FILE))?;
         logs.extend(read_log(&dir.join(WAL_FILE))?);
         let d = self.ranker.model.dim();
+        let mut cache = None;
         let (mut pool, last_seq, mut changed) = match &snapshot {
             None => {
                 let seed = Pool::load(files)?;
                 self.status.set_total(seed.len());
-                let v = self.load_pool(&seed, cache)?;
+                let c = PoolCache::new(&self.config.cache_dir, self.config.model_dir(), &self.ranker.model.settings, files)?;
+                let v = self.load_pool(&seed, &c)?;
+                cache = Some(c);
                 tracing::info!(candidates = seed.len(), "seeding the store from the pool files");
                 (LivePool::new(from_files(seed), v), 0, true)
             }
@@ -84,11 +88,14 @@ impl Worker {
             changed = true;
         }
         let mut store = Store::new(dir, key, seed_hash, seq, self.config.store_compact_bytes)?;
-        if changed || replayed > 0 {
+        // A replayed log stays a log (the next compaction folds it in): a restart does not
+        // rewrite the whole snapshot. A re-encoded or re-seeded pool is written at once.
+        if changed {
             store.snapshot_now(&pool)?;
         }
         let kind = if self.config.fp16_candidates { Kind::Half } else { Kind::Float };
-        Ok((pool.to(self.ranker.model.device, kind), store))
+        tracing::info!(candidates = pool.len(), log_writes = replayed, "store open");
+        Ok((pool.to(self.ranker.model.device, kind), store, cache))
     }
 
     /// The seed pool's vectors: from the pool cache when it is whole and matches, else
@@ -145,14 +152,4 @@ impl Worker {
 
 fn from_files(p: Pool) -> Vec<Candidate> {
     p.ids.into_iter().zip(p.texts).zip(p.meta).map(|((id, text), meta)| Candidate { id, text, meta }).collect()
-}
-
-/// Content hash of the pool files, in order: what the store was last seeded from.
-fn seed_hash(files: &[PathBuf]) -> Result<String> {
-    use sha2::Digest;
-    let mut h = sha2::Sha256::new();
-    for f in files {
-        crate::fingerprint::hash_file(&mut h, f)?;
-    }
-    Ok(hex::encode(h.finalize()))
 }

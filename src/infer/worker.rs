@@ -12,7 +12,6 @@ use super::status::{ModelInfo, Status};
 use super::store::Store;
 use crate::config::{num_cpus, Config};
 use crate::metrics as m;
-use crate::pool::cache::PoolCache;
 use crate::pool::live::LivePool;
 use crate::pool::store::Op;
 use crate::text::TextKind;
@@ -60,8 +59,10 @@ impl Drop for Inference {
 /// N = 100k took 44 ms instead of 36 ms and a context encoding 9 ms instead of 5 ms.
 pub(super) fn spawn(config: &Config, rx: Receiver<Job>, status: Arc<Status>) -> Result<Inference> {
     let device = config.device()?;
-    let settings = crate::model::format::PolySettings::load(config.model_dir())?;
-    let cache = PoolCache::new(&config.cache_dir, config.model_dir(), &settings, &config.candidates)?;
+    // Seed files are read on the inference thread; a missing one fails the start here.
+    for f in &config.candidates {
+        std::fs::File::open(f).with_context(|| format!("reading candidates {}", f.display()))?;
+    }
     let (loaded_tx, loaded_rx) = std::sync::mpsc::channel::<Result<()>>();
     let (config, thread_status) = (config.clone(), status.clone());
     let thread = std::thread::Builder::new().name("inference".into()).spawn(move || {
@@ -94,7 +95,7 @@ pub(super) fn spawn(config: &Config, rx: Receiver<Job>, status: Arc<Status>) -> 
         };
         let pool = LivePool::new(Vec::new(), Tensor::zeros([0, ranker.model.dim()], (Kind::Float, device)));
         let worker = Worker { ranker, config, limits, status: thread_status, pool, store: None, chunk_rate: Default::default() };
-        worker.run(rx, &cache)
+        worker.run(rx)
     })?;
     loaded_rx.recv().context("the inference thread ended during the model load")??;
     Ok(Inference { thread: Some(thread), status })
@@ -114,18 +115,20 @@ pub(super) struct Worker {
 }
 
 impl Worker {
-    fn run(mut self, rx: Receiver<Job>, cache: &PoolCache) {
+    fn run(mut self, rx: Receiver<Job>) {
         let _guard = tch::no_grad_guard();
         let files = self.config.candidates.clone();
-        match self.open_pool(&files, cache) {
-            Ok((pool, store)) => {
+        match self.open_pool(&files) {
+            Ok((pool, store, cache)) => {
                 self.pool = pool;
                 self.store = Some(store);
                 metrics::gauge!(m::POOL_SIZE).set(self.pool.len() as f64);
                 self.status.set_pool_size(self.pool.len());
                 self.status.set_ready();
                 tracing::info!(candidates = self.pool.len(), "ready");
-                cache.clean(self.config.cache_keep);
+                if let Some(cache) = cache {
+                    cache.clean(self.config.cache_keep);
+                }
             }
             Err(_) if self.status.stopping() => return,
             Err(e) => {

@@ -201,15 +201,35 @@ impl Wal {
     }
 }
 
-/// `POLYRANK_TEST_CRASH_MID_WAL_WRITE=1` writes half a record and exits the process without
-/// cleanup, as a kill -9 in the middle of a write would; for the durability tests only.
+/// `POLYRANK_TEST_CRASH_MID_WAL_WRITE=K`: the K-th append of this process writes half its
+/// record and ends the process without cleanup, as a kill -9 in the middle of that write
+/// would; for the durability tests only.
 fn crash_mid_write_if_asked(f: &mut File, rec: &[u8]) -> Result<()> {
-    if std::env::var_os("POLYRANK_TEST_CRASH_MID_WAL_WRITE").is_some() {
+    static APPENDS: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+    let Some(k) = std::env::var("POLYRANK_TEST_CRASH_MID_WAL_WRITE").ok().and_then(|v| v.parse::<usize>().ok()) else {
+        return Ok(());
+    };
+    if APPENDS.fetch_add(1, std::sync::atomic::Ordering::SeqCst) + 1 == k {
         f.write_all(&rec[..rec.len() / 2])?;
         f.sync_data()?;
         std::process::abort();
     }
     Ok(())
+}
+
+/// Content hash of the pool files, in order: what a store was last seeded from.
+pub fn seed_hash(files: &[PathBuf]) -> Result<String> {
+    use sha2::Digest;
+    let mut h = sha2::Sha256::new();
+    for f in files {
+        crate::fingerprint::hash_file(&mut h, f)?;
+    }
+    Ok(hex::encode(h.finalize()))
+}
+
+/// What the store's vectors are keyed by: the candidate side of the model, by content.
+pub fn vectors_key(model_dir: &Path, settings: &crate::model::format::PolySettings) -> Result<String> {
+    crate::fingerprint::encoder_fingerprint(model_dir, settings, b"candidate vectors")
 }
 
 pub fn write_snapshot(dir: &Path, snap: &Snapshot) -> Result<()> {

@@ -11,6 +11,12 @@ fn escape(s: &str) -> String {
     s.replace('~', "~0").replace('/', "~1")
 }
 
+/// A JSON pointer as a URI fragment: braces of path templates (`/candidates/{id}`) are not
+/// allowed there unencoded.
+fn fragment(pointer: &str) -> String {
+    pointer.replace('{', "%7B").replace('}', "%7D")
+}
+
 impl Contract {
     pub fn load() -> Contract {
         let text = std::fs::read_to_string(super::root().join("openapi.yaml")).unwrap();
@@ -38,7 +44,7 @@ impl Contract {
             "{method} {path} {status}: content type {content_type} is not documented"
         );
         let mut schema = self.doc.clone();
-        schema["$ref"] = Value::String(format!("#{schema_ptr}"));
+        schema["$ref"] = Value::String(format!("#{}", fragment(&schema_ptr)));
         let validator = jsonschema::draft202012::new(&schema).expect("schema compiles");
         let errors: Vec<String> = validator.iter_errors(body).map(|e| format!("{e} at {}", e.instance_path)).collect();
         assert!(errors.is_empty(), "{method} {path} {status} breaks the contract: {errors:?}\nbody: {body}");
