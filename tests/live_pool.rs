@@ -461,3 +461,32 @@ fn rankings_during_concurrent_writes_never_fail_nor_return_deleted_ids() {
         assert_eq!(send(&s, "get", &format!("/candidates/{id}"), None).0, 404, "{id} was deleted");
     }
 }
+
+#[test]
+fn compaction_folds_the_log_into_a_snapshot_and_a_restart_sees_the_same_pool() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = dir.path().join("store");
+    let setup = with_store(tiny_setup(dir.path(), 50, 47), &store).arg("--store-compact-bytes", "4096");
+    let s = Server::start(&setup);
+    s.wait_ready();
+    let before = s.metric("polyrank_store_compactions_total").unwrap_or(0.0);
+    for b in 0..40 {
+        let batch: Vec<Value> = (0..3).map(|j| cand(&format!("z{b}-{j}"), &format!("compaction test {b} {j}"), json!({"b": b}))).collect();
+        assert_eq!(send(&s, "post", "/candidates", Some(&json!({"candidates": batch}))).0, 200);
+        if b % 4 == 3 {
+            assert_eq!(send(&s, "delete", "/candidates", Some(&json!({"ids": [format!("z{}-0", b - 1)]}))).0, 200);
+        }
+    }
+    std::thread::sleep(Duration::from_millis(300));
+    let compactions = s.metric("polyrank_store_compactions_total").unwrap() - before;
+    assert!(compactions >= 2.0, "{compactions} compactions for ~{} log bytes", 40 * 3 * 200);
+    assert!(s.metric("polyrank_store_last_compaction_timestamp_seconds").unwrap() > 1.7e9);
+    let (_, full) = send(&s, "post", "/rank", Some(&json!({"context": "compaction test", "top_k": 1000})));
+    unsafe_kill(s.child.id() as i32, "KILL");
+    drop(s);
+    let s = Server::start(&setup);
+    s.wait_ready();
+    let (_, again) = send(&s, "post", "/rank", Some(&json!({"context": "compaction test", "top_k": 1000})));
+    assert_eq!(ids(&again), ids(&full), "the pool after restart differs");
+    assert_eq!(ids(&again).len(), 50 + 120 - 10);
+}

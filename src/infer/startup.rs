@@ -9,10 +9,10 @@ use super::worker::Worker;
 use crate::metrics as m;
 use crate::pool::cache::PoolCache;
 use crate::pool::live::LivePool;
-use crate::pool::store::{read_log, read_snapshot, seed_hash, vectors_key, Candidate, Op, OLD_WAL_FILE, WAL_FILE};
+use crate::pool::store::{seed_hash, vectors_key, Candidate, Durable, FileStore, Op};
 use crate::pool::Pool;
 use crate::text::TextKind;
-use anyhow::{Context, Result};
+use anyhow::Result;
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 use tch::{Kind, Tensor};
@@ -20,13 +20,10 @@ use tch::{Kind, Tensor};
 impl Worker {
     /// The pool, its store, and the pool cache when seeding used it (to be cleaned).
     pub(super) fn open_pool(&self, files: &[PathBuf]) -> Result<(LivePool, Store, Option<PoolCache>)> {
-        let dir = self.config.store_dir.clone();
-        std::fs::create_dir_all(&dir).with_context(|| format!("creating the store directory {}", dir.display()))?;
+        let mut durable = FileStore::open(&self.config.store_dir)?;
         let key = vectors_key(self.config.model_dir(), &self.ranker.model.settings)?;
         let seed_hash = seed_hash(files)?;
-        let snapshot = read_snapshot(&dir)?;
-        let mut logs = read_log(&dir.join(OLD_WAL_FILE))?;
-        logs.extend(read_log(&dir.join(WAL_FILE))?);
+        let (snapshot, logs) = durable.recover()?;
         let d = self.ranker.model.dim();
         let mut cache = None;
         let (mut pool, last_seq, mut changed) = match &snapshot {
@@ -87,7 +84,7 @@ impl Worker {
             pool.upsert(upserts, &v);
             changed = true;
         }
-        let mut store = Store::new(dir, key, seed_hash, seq, self.config.store_compact_bytes)?;
+        let mut store = Store::new(Box::new(durable), key, seed_hash, seq, self.config.store_compact_bytes);
         // A replayed log stays a log (the next compaction folds it in): a restart does not
         // rewrite the whole snapshot. A re-encoded or re-seeded pool is written at once.
         if changed {

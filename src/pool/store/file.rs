@@ -1,11 +1,4 @@
-//! The live pool on disk: a snapshot and a write-ahead log in `store_dir`.
-//!
-//! A write is acknowledged only after its log record (texts, meta *and* vectors) is on disk
-//! (`fsync`), so a restart replays it without re-encoding. The log is compacted into a new
-//! snapshot now and then: the worker rotates `wal.log` to `wal.old` (a rename), a background
-//! thread writes the snapshot (temp file, fsync, rename, fsync of the directory) and then
-//! removes `wal.old`; a crash at any point leaves a snapshot plus logs that replay to the
-//! same pool (records at or below the snapshot's sequence number are skipped).
+//! The store in files: a snapshot and a write-ahead log in `store_dir`.
 //!
 //! Log record: magic `PRWL` | payload length u32 | CRC-32 of payload u32 | CRC-32 of the 12
 //! bytes before u32 | payload = seq u64 | op u8 (1 upsert, 2 delete) | JSON length u32 |
@@ -17,67 +10,26 @@
 //!
 //! Snapshot: magic `PRSNAP01` | header JSON length u32 | header JSON (version, vectors key,
 //! seed hash, last seq, n, d) | candidates JSON length u64 | candidates JSON | n·d f32 |
-//! CRC-32 of everything before u32.
+//! CRC-32 of everything before u32. Written to a temp file, fsynced, renamed, and the
+//! directory fsynced.
+//!
+//! Compaction: the log is renamed to `wal.old` (a new `wal.log` takes the next writes), a
+//! background thread writes the snapshot and then removes `wal.old`; a crash at any point
+//! leaves a snapshot plus logs that replay to the same pool (records at or below the
+//! snapshot's sequence number are skipped).
 
 use anyhow::{bail, ensure, Context, Result};
-use serde::{Deserialize, Serialize};
+use super::{Candidate, Durable, Op, Snapshot, SnapshotHeader};
 use std::fs::{File, OpenOptions};
 use std::io::{Read, Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
 
-/// One candidate as stored and as the API takes it.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct Candidate {
-    pub id: String,
-    pub text: String,
-    /// Left out or an object; not null (as openapi.yaml says).
-    #[serde(default, skip_serializing_if = "Option::is_none", deserialize_with = "present")]
-    pub meta: Option<serde_json::Value>,
-}
-
-fn present<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<serde_json::Value>, D::Error> {
-    match serde_json::Value::deserialize(d)? {
-        serde_json::Value::Null => Err(serde::de::Error::custom("meta may be left out but not null")),
-        v => Ok(Some(v)),
-    }
-}
-
-/// One logged write.
-#[derive(Debug, Clone, PartialEq)]
-pub enum Op {
-    /// Candidates and their vectors, row-major `[k, d]`.
-    Upsert(Vec<Candidate>, Vec<f32>),
-    Delete(Vec<String>),
-}
-
 const WAL_MAGIC: &[u8; 4] = b"PRWL";
 const WAL_HEADER: usize = 16;
 const SNAP_MAGIC: &[u8; 8] = b"PRSNAP01";
-pub const WAL_FILE: &str = "wal.log";
-pub const OLD_WAL_FILE: &str = "wal.old";
-pub const SNAPSHOT_FILE: &str = "snapshot.bin";
-
-/// What a snapshot says about itself.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct SnapshotHeader {
-    pub version: u32,
-    /// What the vectors were computed with (`fingerprint::encoder_fingerprint`).
-    pub vectors_key: String,
-    /// Content hash of the pool files that seeded the store last.
-    pub seed_hash: String,
-    /// The last log sequence number the snapshot includes.
-    pub last_seq: u64,
-    pub n: usize,
-    pub d: usize,
-}
-
-pub struct Snapshot {
-    pub header: SnapshotHeader,
-    pub candidates: Vec<Candidate>,
-    /// Row-major `[n, d]`.
-    pub vectors: Vec<f32>,
-}
+const WAL_FILE: &str = "wal.log";
+const OLD_WAL_FILE: &str = "wal.old";
+const SNAPSHOT_FILE: &str = "snapshot.bin";
 
 fn encode_record(seq: u64, op: &Op) -> Result<Vec<u8>> {
     let (kind, json, floats): (u8, Vec<u8>, &[f32]) = match op {
@@ -122,7 +74,7 @@ fn decode_payload(p: &[u8]) -> Result<(u64, Op)> {
 
 /// Reads every whole record of a log. A cut-short last record is dropped and the file
 /// truncated to the last whole one; any checksum failure is an error naming the offset.
-pub fn read_log(path: &Path) -> Result<Vec<(u64, Op)>> {
+fn read_log(path: &Path) -> Result<Vec<(u64, Op)>> {
     let mut bytes = Vec::new();
     match File::open(path) {
         Ok(mut f) => f.read_to_end(&mut bytes).with_context(|| format!("reading {}", path.display()))?,
@@ -165,14 +117,14 @@ fn truncate_torn(path: &Path, at: usize, len: usize) -> Result<()> {
 }
 
 /// The open log: appends are durable when `append` returns.
-pub struct Wal {
+struct Wal {
     file: File,
-    pub path: PathBuf,
-    pub bytes: u64,
+    path: PathBuf,
+    bytes: u64,
 }
 
 impl Wal {
-    pub fn open(dir: &Path) -> Result<Wal> {
+    fn open(dir: &Path) -> Result<Wal> {
         let path = dir.join(WAL_FILE);
         let mut file = OpenOptions::new().create(true).append(true).read(true).open(&path).with_context(|| format!("opening {}", path.display()))?;
         let bytes = file.seek(SeekFrom::End(0))?;
@@ -180,7 +132,7 @@ impl Wal {
     }
 
     /// Appends one record and syncs it to disk.
-    pub fn append(&mut self, seq: u64, op: &Op) -> Result<()> {
+    fn append(&mut self, seq: u64, op: &Op) -> Result<()> {
         let rec = encode_record(seq, op)?;
         crash_mid_write_if_asked(&mut self.file, &rec)?;
         self.file.write_all(&rec).with_context(|| format!("appending to {}", self.path.display()))?;
@@ -191,7 +143,7 @@ impl Wal {
 
     /// Starts a new log: the current one becomes `wal.old` until a snapshot covers it.
     /// Refused while an older `wal.old` still waits for its snapshot.
-    pub fn rotate(&mut self, dir: &Path) -> Result<()> {
+    fn rotate(&mut self, dir: &Path) -> Result<()> {
         let old = dir.join(OLD_WAL_FILE);
         ensure!(!old.exists(), "a compaction is still running");
         std::fs::rename(&self.path, &old)?;
@@ -217,21 +169,7 @@ fn crash_mid_write_if_asked(f: &mut File, rec: &[u8]) -> Result<()> {
     Ok(())
 }
 
-/// Content hash of the pool files, in order: what a store was last seeded from.
-pub fn seed_hash(files: &[PathBuf]) -> Result<String> {
-    use sha2::Digest;
-    let mut h = sha2::Sha256::new();
-    for f in files {
-        crate::fingerprint::hash_file(&mut h, f)?;
-    }
-    Ok(hex::encode(h.finalize()))
-}
-
-/// What the store's vectors are keyed by: the candidate side of the model, by content.
-pub fn vectors_key(model_dir: &Path, settings: &crate::model::format::PolySettings) -> Result<String> {
-    crate::fingerprint::encoder_fingerprint(model_dir, settings, b"candidate vectors")
-}
-
+/// Public for tools and tests that lay out a store (e.g. a large one) without a server.
 pub fn write_snapshot(dir: &Path, snap: &Snapshot) -> Result<()> {
     let h = &snap.header;
     ensure!(snap.candidates.len() == h.n && snap.vectors.len() == h.n * h.d, "snapshot shape does not match its header");
@@ -261,7 +199,7 @@ pub fn write_snapshot(dir: &Path, snap: &Snapshot) -> Result<()> {
 }
 
 /// The snapshot, if there is one; a damaged one is an error (never served).
-pub fn read_snapshot(dir: &Path) -> Result<Option<Snapshot>> {
+fn read_snapshot(dir: &Path) -> Result<Option<Snapshot>> {
     let path = dir.join(SNAPSHOT_FILE);
     let bytes = match std::fs::read(&path) {
         Ok(b) => b,
@@ -281,4 +219,82 @@ pub fn read_snapshot(dir: &Path) -> Result<Option<Snapshot>> {
     ensure!(candidates.len() == header.n && floats.len() == header.n * header.d * 4, damaged());
     let vectors = floats.chunks_exact(4).map(|b| f32::from_le_bytes(b.try_into().unwrap())).collect();
     Ok(Some(Snapshot { header, candidates, vectors }))
+}
+
+/// The store in `store_dir`: one process's own files (see the module docs).
+pub struct FileStore {
+    dir: PathBuf,
+    wal: Option<Wal>,
+    compaction: Option<std::thread::JoinHandle<Result<()>>>,
+}
+
+impl FileStore {
+    pub fn open(dir: &Path) -> Result<FileStore> {
+        std::fs::create_dir_all(dir).with_context(|| format!("creating the store directory {}", dir.display()))?;
+        Ok(FileStore { dir: dir.to_path_buf(), wal: None, compaction: None })
+    }
+
+    fn wal(&mut self) -> Result<&mut Wal> {
+        if self.wal.is_none() {
+            self.wal = Some(Wal::open(&self.dir)?);
+        }
+        Ok(self.wal.as_mut().expect("just opened"))
+    }
+}
+
+impl Durable for FileStore {
+    fn recover(&mut self) -> Result<(Option<Snapshot>, Vec<(u64, Op)>)> {
+        let snapshot = read_snapshot(&self.dir)?;
+        let mut ops = read_log(&self.dir.join(OLD_WAL_FILE))?;
+        ops.extend(read_log(&self.dir.join(WAL_FILE))?);
+        Ok((snapshot, ops))
+    }
+
+    fn append(&mut self, seq: u64, op: &Op) -> Result<()> {
+        self.wal()?.append(seq, op)
+    }
+
+    fn log_bytes(&self) -> u64 {
+        self.wal.as_ref().map_or(0, |w| w.bytes)
+    }
+
+    fn reset(&mut self, snap: &Snapshot) -> Result<()> {
+        self.finish();
+        write_snapshot(&self.dir, snap)?;
+        for f in [OLD_WAL_FILE, WAL_FILE] {
+            let _ = std::fs::remove_file(self.dir.join(f));
+        }
+        self.wal = Some(Wal::open(&self.dir)?);
+        Ok(())
+    }
+
+    fn compact(&mut self, snap: Snapshot, done: Box<dyn FnOnce() + Send>) -> Result<()> {
+        if self.compaction.as_ref().is_some_and(|c| !c.is_finished()) {
+            return Ok(());
+        }
+        self.finish();
+        // A wal.old left by a failed compaction is covered by this snapshot as well.
+        if !self.dir.join(OLD_WAL_FILE).exists() {
+            let dir = self.dir.clone();
+            self.wal()?.rotate(&dir)?;
+        }
+        let dir = self.dir.clone();
+        self.compaction = Some(std::thread::Builder::new().name("compaction".into()).spawn(move || {
+            let t0 = std::time::Instant::now();
+            write_snapshot(&dir, &snap)?;
+            std::fs::remove_file(dir.join(OLD_WAL_FILE))?;
+            tracing::info!(candidates = snap.header.n, secs = format!("{:.2}", t0.elapsed().as_secs_f64()), "store compacted");
+            done();
+            Ok(())
+        })?);
+        Ok(())
+    }
+
+    fn finish(&mut self) {
+        if let Some(c) = self.compaction.take() {
+            if let Ok(Err(e)) = c.join() {
+                tracing::warn!("store compaction failed: {e:#}");
+            }
+        }
+    }
 }
