@@ -362,6 +362,19 @@ fn a_flipped_byte_in_the_log_or_the_snapshot_is_reported_and_never_served() {
     let s = Server::start(&setup);
     s.wait_ready();
     assert_eq!(send(&s, "get", "/candidates/f3", None).0, 200, "restored files serve again");
+    // A second process on the same store is refused: its log records would interleave.
+    let other = Server::start(&setup);
+    let t0 = Instant::now();
+    let v = loop {
+        let v: Value = serde_json::from_str(&other.get("/health/ready").1).unwrap();
+        if v["status"] != "loading" || t0.elapsed() > Duration::from_secs(30) {
+            break v;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    assert_eq!(v["status"], "failed", "{v}");
+    assert!(v["error"].as_str().unwrap().contains("in use by another polyrank process"), "{v}");
+    assert_eq!(send(&s, "get", "/candidates/f3", None).0, 200, "the first one is unaffected");
 }
 
 #[test]

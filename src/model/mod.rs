@@ -129,7 +129,7 @@ impl PolyEncoder {
     }
 
     /// One context against some rows of `pool`; results carry pool row numbers.
-    pub(crate) fn rank_rows(&self, codes: &ContextVectors, pool: &Tensor, rows: &[i64], k: i64) -> Vec<(i64, f32)> {
+    pub fn rank_rows(&self, codes: &ContextVectors, pool: &Tensor, rows: &[i64], k: i64) -> Vec<(i64, f32)> {
         let idx = Tensor::from_slice(rows).to_device(pool.device());
         let ranked = self.rank(codes, &pool.index_select(0, &idx), &[k]).swap_remove(0);
         ranked.into_iter().map(|(j, s)| (rows[j as usize], s)).collect()

@@ -226,12 +226,19 @@ pub struct FileStore {
     dir: PathBuf,
     wal: Option<Wal>,
     compaction: Option<std::thread::JoinHandle<Result<()>>>,
+    /// Held for the store's life: a second process on the same directory would interleave
+    /// its log records with ours.
+    _lock: File,
 }
 
 impl FileStore {
     pub fn open(dir: &Path) -> Result<FileStore> {
         std::fs::create_dir_all(dir).with_context(|| format!("creating the store directory {}", dir.display()))?;
-        Ok(FileStore { dir: dir.to_path_buf(), wal: None, compaction: None })
+        let lock = File::create(dir.join("lock"))?;
+        lock.try_lock().map_err(|_| {
+            anyhow::anyhow!("the store {} is in use by another polyrank process (each replica needs a store_dir of its own)", dir.display())
+        })?;
+        Ok(FileStore { dir: dir.to_path_buf(), wal: None, compaction: None, _lock: lock })
     }
 
     fn wal(&mut self) -> Result<&mut Wal> {
