@@ -21,6 +21,11 @@ pub struct ServeArgs {
     #[arg(long, env = "POLYRANK_DEVICE")]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub device: Option<String>,
+    /// Precision of the transformer encoders: float32, or float16 / bfloat16 (for CUDA; their
+    /// attention softmax, the head and the scoring stay in fp32).
+    #[arg(long, env = "POLYRANK_DTYPE", value_enum)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub dtype: Option<Dtype>,
     /// Candidate pool files, plain text (one per line) or .jsonl ({"id","text","meta"?});
     /// comma-separated in the environment.
     #[arg(long, env = "POLYRANK_CANDIDATES", value_delimiter = ',')]
@@ -135,6 +140,7 @@ pub struct ServeArgs {
 pub struct Config {
     pub model_dir: PathBuf,
     pub device: String,
+    pub dtype: Dtype,
     pub candidates: Vec<PathBuf>,
     pub cache_dir: PathBuf,
     pub store_dir: PathBuf,
@@ -161,6 +167,26 @@ pub struct Config {
     pub approx_preselect: usize,
     pub cache_keep: usize,
     pub fp16_candidates: bool,
+}
+
+/// Encoder compute precision, parsed once from the settings.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum Dtype {
+    #[default]
+    Float32,
+    Float16,
+    Bfloat16,
+}
+
+impl Dtype {
+    pub fn kind(self) -> tch::Kind {
+        match self {
+            Dtype::Float32 => tch::Kind::Float,
+            Dtype::Float16 => tch::Kind::Half,
+            Dtype::Bfloat16 => tch::Kind::BFloat16,
+        }
+    }
 }
 
 /// More intra-op threads than this many per core only adds contention (and each costs

@@ -16,7 +16,15 @@ pub struct Ranker {
 
 impl Ranker {
     pub fn load(dir: &Path, device: Device) -> Result<Self, FormatError> {
-        let model = PolyEncoder::load(dir, device)?;
+        Self::load_in(dir, device, tch::Kind::Float)
+    }
+
+    /// With the encoders computing in `precision` (see `PolyEncoder::set_precision`).
+    pub fn load_in(dir: &Path, device: Device, precision: tch::Kind) -> Result<Self, FormatError> {
+        let mut model = PolyEncoder::load(dir, device)?;
+        if precision != tch::Kind::Float {
+            model.set_precision(precision);
+        }
         let text = Tokenizer::load(dir, &model.settings)?;
         Ok(Ranker { model, text })
     }

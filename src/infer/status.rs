@@ -13,6 +13,7 @@ pub struct ModelInfo {
     pub n_codes: i64,
     pub dim: i64,
     pub device: String,
+    pub dtype: crate::config::Dtype,
     pub trained: bool,
     pub description: String,
     pub max_context_tokens: usize,

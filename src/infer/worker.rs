@@ -68,7 +68,7 @@ pub(super) fn spawn(config: &Config, rx: Receiver<Job>, status: Arc<Status>) -> 
     let thread = std::thread::Builder::new().name("inference".into()).spawn(move || {
         let threads = if config.threads == 0 { num_cpus() } else { config.threads };
         tch::set_num_threads(threads as i32);
-        let ranker = match Ranker::load(config.model_dir(), device) {
+        let ranker = match Ranker::load_in(config.model_dir(), device, config.dtype.kind()) {
             Ok(r) => r,
             Err(e) => {
                 let _ = loaded_tx.send(Err(anyhow::Error::new(e).context(format!("loading model {}", config.model_dir().display()))));
@@ -82,6 +82,7 @@ pub(super) fn spawn(config: &Config, rx: Receiver<Job>, status: Arc<Status>) -> 
             n_codes: s.context_vectors(),
             dim: ranker.model.dim(),
             device: config.device.clone(),
+            dtype: config.dtype,
             trained: s.trained,
             description: s.description.clone(),
             max_context_tokens: s.max_context_tokens,

@@ -157,7 +157,8 @@ impl BertSelfAttention {
         let k = split_heads(self.key.forward(hidden_states));
         let v = split_heads(self.value.forward(hidden_states));
         let scores = q.matmul(&k.transpose(-1, -2)) / (dh as f64).sqrt() + attention_mask;
-        let probs = scores.softmax(-1, scores.kind());
+        // fp32 accumulation: a half-precision softmax over long rows loses the small weights.
+        let probs = scores.softmax(-1, Kind::Float).to_kind(scores.kind());
         probs.matmul(&v).transpose(1, 2).contiguous().view([b, n, d])
     }
 }

@@ -78,6 +78,15 @@ impl PolyEncoder {
         })
     }
 
+    /// Runs the transformer encoders in `kind` (fp16 / bf16 on CUDA halve their cost); their
+    /// outputs are cast back to fp32, so the head, pooling and scoring keep fp32 precision.
+    pub fn set_precision(&mut self, kind: Kind) {
+        self.encoder_vs.set_kind(kind);
+        if let Some(vs) = self.candidate_vs.as_mut() {
+            vs.set_kind(kind);
+        }
+    }
+
     pub fn dim(&self) -> i64 {
         self.config.hidden_size
     }
@@ -88,13 +97,13 @@ impl PolyEncoder {
 
     /// Token outputs of the context encoder, scaled by `output_scaling`.
     pub(crate) fn context_tokens(&self, batch: &Batch) -> Tensor {
-        let h = self.context_encoder.forward(&batch.ids, &batch.type_ids, &batch.mask);
+        let h = self.context_encoder.forward(&batch.ids, &batch.type_ids, &batch.mask).to_kind(Kind::Float);
         scaled(h, self.settings.output_scaling)
     }
 
     /// `[B, d]` pooled candidate vectors.
     pub fn candidate_vectors(&self, batch: &Batch) -> Tensor {
-        let h = self.candidate_bert().forward(&batch.ids, &batch.type_ids, &batch.mask);
+        let h = self.candidate_bert().forward(&batch.ids, &batch.type_ids, &batch.mask).to_kind(Kind::Float);
         let h = scaled(h, self.settings.output_scaling);
         poly::pool(&h, &batch.mask, self.settings.candidate_pooling, self.settings.normalize)
     }
