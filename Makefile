@@ -77,3 +77,16 @@ fuzz: venv model
 	# The fuzz binary is another package: build.rs's rpath does not reach it.
 	LD_LIBRARY_PATH=$$($(VENV)/bin/python -c 'import os, torch; print(os.path.join(os.path.dirname(torch.__file__), "lib"))') \
 	RUSTC_BOOTSTRAP=1 cargo fuzz run request fuzz/corpus/request fuzz/seeds/request -s none -- -max_total_time=$(FUZZ_SECONDS)
+
+# The CUDA build for the GPU machines (README, "GPU"): polyrank linked against PyPI's torch
+# 2.11.0 (CUDA 13.0) wheel with tch 0.24, laid out in device-bundle/ (≤ 60 MB) with
+# scripts/gpu-check.sh, to carry there. The wheel is downloaded once into .device-build/.
+.PHONY: device-bundle device-bundle-dry-run
+device-bundle: model
+	bash scripts/device-bundle.sh
+
+# The bundle's gpu-check.sh run here, on CPU (no GPU): libtorch 2.11's CPU half from the
+# unpacked wheel, its CUDA libraries replaced by stubs; report in .device-build/dry-run/.
+device-bundle-dry-run: device-bundle
+	bash device-bundle/gpu-check.sh --dry-run --torch-lib .device-build/torch-2.11.0-wheel/torch/lib \
+		--extra-lib .device-build/cpu-stubs .device-build/dry-run
