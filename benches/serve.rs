@@ -226,7 +226,8 @@ fn main() {
     let filter_md = if o.sizes.contains(&100_000) { filter_bench(dir.path(), &model, 100_000, d, o.seconds) } else { String::new() };
 
     // /encode throughput on the default model: 16 candidate texts per request, 8 clients.
-    let s = Server::start(&Setup::new(&model, &root().join("data/chitchat-pool.jsonl"), &root().join("data/pool-cache")));
+    let encode_store = dir.path().join("store-encode");
+    let s = Server::start(&Setup::new(&model, &root().join("data/chitchat-pool.jsonl"), &root().join("data/pool-cache")).arg("--store-dir", encode_store.to_str().unwrap()));
     s.wait_ready();
     let texts: Vec<String> = (0..16).map(|i| format!("this is candidate number {i} about food, music and travel")).collect();
     let enc = load(&s.url("/encode"), 8, o.seconds, |_| json!({"texts": texts, "kind": "candidate"}));
