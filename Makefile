@@ -9,7 +9,7 @@ export POLYRANK_PYTHON := $(VENV)/bin/python
 # keep test parallelism modest.
 CARGO_TEST_THREADS ?= 2
 
-.PHONY: run test venv build model tools data heads finetuned default-model eval-table bench fuzz
+.PHONY: run test venv build model tools data heads finetuned default-model eval-table bench fuzz container-check
 
 venv:
 	bash scripts/setup-venv.sh
@@ -30,6 +30,12 @@ tools:
 
 test: venv model tools
 	cargo test --release -- --test-threads=$(CARGO_TEST_THREADS)
+
+# The runtime image built from the staged tree with podman and run (README, "Docker"); also
+# run by `make test` (tests/container.rs). Installs podman/runc/debootstrap when missing;
+# prints SKIPPED where podman cannot run.
+container-check: build model
+	bash scripts/container-check.sh
 
 # Training and evaluation data from chitchat-dataset (+ Synthetic-Persona-Chat when ../shared has it).
 data: venv

@@ -13,6 +13,8 @@ struct Cli {
 enum Command {
     /// Serve /rank and /encode over HTTP with the candidate pool cached.
     Serve(polyrank::config::ServeArgs),
+    /// Encode the candidate pool into the pool cache (same settings as serve) and exit.
+    WarmCache(polyrank::config::ServeArgs),
     /// R@1/5/10 and MRR of a model on examples with fixed candidate lists.
     Eval(cli::EvalArgs),
     /// Train the Poly-encoder head on (context, response) pairs.
@@ -33,6 +35,7 @@ fn main() -> Result<()> {
         .init();
     match Cli::parse().command {
         Command::Serve(a) => polyrank::serve::serve(a),
+        Command::WarmCache(a) => polyrank::serve::warm_cache(a),
         Command::Eval(a) => cli::eval(a),
         Command::Train(a) => polyrank::offline::train::train(a).map(|_| ()),
         Command::Rank(a) => cli::rank(a),

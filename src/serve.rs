@@ -1,13 +1,19 @@
 //! `polyrank serve`: settings → inference thread → HTTP server, with graceful shutdown.
+//! `polyrank warm-cache`: the same start, up to ready, to write the pool cache ahead of time.
 
 use crate::config::{Config, ServeArgs};
 use crate::http::{router, shutdown_signal, AppState};
+use crate::pool::cache::PoolCache;
 use anyhow::{Context, Result};
+use std::path::PathBuf;
 use std::sync::Arc;
 
 pub fn serve(args: ServeArgs) -> Result<()> {
     let config = Config::resolve(&args)?;
     tracing::info!(config = %serde_json::to_string(&config).unwrap_or_default(), "settings");
+    if let Err(e) = seed_cache(&config) {
+        tracing::warn!("pool cache not seeded from the install: {e:#}");
+    }
     let metrics = crate::metrics::install()?;
     let (infer, inference) = crate::infer::start(&config)?;
     let state = Arc::new(AppState { infer, config: config.clone(), metrics });
@@ -28,5 +34,61 @@ pub fn serve(args: ServeArgs) -> Result<()> {
     inference.shutdown();
     served?;
     tracing::info!("stopped");
+    Ok(())
+}
+
+/// Starts as `serve` does, without HTTP, until the pool is ready (encoded and cached, or read
+/// from the cache), then stops and prints the cache file's path. The Dockerfile runs it at
+/// build time so that the image starts ready.
+pub fn warm_cache(args: ServeArgs) -> Result<()> {
+    let config = Config::resolve(&args)?;
+    let (infer, inference) = crate::infer::start(&config)?;
+    while !infer.status().is_ready() {
+        if let Some(f) = infer.status().failure() {
+            anyhow::bail!("pool encoding failed: {f}");
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    inference.shutdown();
+    println!("{}", cache_file(&config)?.display());
+    Ok(())
+}
+
+/// This model's and pool's cache file in `cache_dir` (its name is the content key).
+fn cache_file(config: &Config) -> Result<PathBuf> {
+    let settings = crate::model::format::PolySettings::load(config.model_dir())?;
+    Ok(PoolCache::new(&config.cache_dir, config.model_dir(), &settings, &config.candidates)?.path)
+}
+
+/// Pool caches made when the install was built, read-only: `<prefix>/share/polyrank/pool-cache`
+/// for a binary in `<prefix>/bin` (the image: `/usr/local/share/polyrank/pool-cache`).
+fn baked_cache_dir() -> Option<PathBuf> {
+    let exe = std::env::current_exe().ok()?;
+    let dir = exe.parent()?.parent()?.join("share/polyrank/pool-cache");
+    dir.is_dir().then_some(dir)
+}
+
+/// A volume mounted over `cache_dir` hides whatever the image put there. When the install has a
+/// baked cache file that `cache_dir` lacks and it is this model's and pool's (same content key,
+/// so the same name), it is copied in (temp file + rename) before the start: a fresh volume
+/// starts ready, and later starts find it where they always did.
+fn seed_cache(config: &Config) -> Result<()> {
+    let Some(baked) = baked_cache_dir() else { return Ok(()) };
+    let missing = std::fs::read_dir(&baked)?
+        .flatten()
+        .any(|e| e.file_name().to_string_lossy().ends_with(".pool") && !config.cache_dir.join(e.file_name()).exists());
+    if !missing {
+        return Ok(());
+    }
+    let target = cache_file(config)?;
+    let source = baked.join(target.file_name().context("cache file name")?);
+    if target.exists() || !source.is_file() {
+        return Ok(());
+    }
+    std::fs::create_dir_all(&config.cache_dir).with_context(|| format!("creating {}", config.cache_dir.display()))?;
+    let tmp = target.with_extension(format!("pool.tmp.seed.{}", std::process::id()));
+    std::fs::copy(&source, &tmp).with_context(|| format!("copying {} to {}", source.display(), tmp.display()))?;
+    std::fs::rename(&tmp, &target).with_context(|| format!("renaming into {}", target.display()))?;
+    tracing::info!(from = %source.display(), to = %target.display(), "pool cache seeded from the install");
     Ok(())
 }
