@@ -31,9 +31,10 @@ tools:
 test: venv model tools
 	cargo test --release -- --test-threads=$(CARGO_TEST_THREADS)
 
-# The runtime image built from the staged tree with podman and run (README, "Docker"); also
-# run by `make test` (tests/container.rs). Installs podman/runc/debootstrap when missing;
-# prints SKIPPED where podman cannot run.
+# The runtime image built from the staged tree with podman and run (README, "Docker"). Not
+# part of `make test`: a first run on a fresh machine (debootstrap, podman from apt) takes
+# over 3 minutes. Installs podman/runc/debootstrap when missing; prints SKIPPED where podman
+# cannot run. CHECK_POOL_LINES=500 stages a smaller pool, READY_LIMIT_S the ready bound.
 container-check: build model
 	bash scripts/container-check.sh
 
