@@ -6,7 +6,8 @@
 //!
 //! `--baseline-bin PATH` compares builds instead: every (model, N) is measured `--rounds`
 //! times (default 3) with the baseline binary and this build, alternately, and the table
-//! gives the median of the rounds' p50 for each and their ratio.
+//! gives the median of the rounds' p50 for each and their ratio. `--baseline-config FILE`
+//! gives the baseline its own settings file (one from its commit: `git show REV:config/default.toml`).
 
 #[path = "../tests/common/server.rs"]
 #[allow(dead_code)]
@@ -32,7 +33,9 @@ fn main() {
     let baseline: Option<PathBuf> = get("--baseline-bin").map(PathBuf::from);
     let rounds: usize = get("--rounds").map(|s| s.parse().expect("--rounds")).unwrap_or(3);
     if let Some(base) = baseline {
-        return compare(&models, &sizes, seconds, &base, rounds);
+        // An older binary may not know today's settings file: give it its own.
+        let base_config = get("--baseline-config").map(PathBuf::from);
+        return compare(&models, &sizes, seconds, &base, base_config.as_deref(), rounds);
     }
     let mut md = String::from("| model | m | N | /rank p50 ms | p95 ms | requests |\n|---|---|---|---|---|---|\n");
     for model in &models {
@@ -59,7 +62,7 @@ fn main() {
 }
 
 /// This build against `base`, alternately, `rounds` times per (model, N).
-fn compare(models: &[PathBuf], sizes: &[usize], seconds: f64, base: &std::path::Path, rounds: usize) {
+fn compare(models: &[PathBuf], sizes: &[usize], seconds: f64, base: &std::path::Path, base_config: Option<&std::path::Path>, rounds: usize) {
     let mut md = String::from("| model | N | baseline p50 ms | this build p50 ms | ratio (this / baseline) | rounds |\n|---|---|---|---|---|---|\n");
     for model in models {
         let d = BertConfig::load(model).unwrap().hidden_size;
@@ -72,6 +75,9 @@ fn compare(models: &[PathBuf], sizes: &[usize], seconds: f64, base: &std::path::
                     let mut setup = Setup::new(model, &pool, &dir.path().join("cache"));
                     if let Some(b) = bin {
                         setup = setup.binary(b);
+                        if let Some(c) = base_config {
+                            setup = setup.arg("--config", c.to_str().unwrap());
+                        }
                     }
                     let s = Server::start(&setup);
                     s.wait_ready();
