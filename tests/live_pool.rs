@@ -6,46 +6,21 @@
 mod common;
 
 use common::contract::Contract;
-use common::server::{tiny_setup, unsafe_kill, Server, Setup};
+use common::server::{result_ids as ids, tiny_setup, unsafe_kill, Server};
 use rand::{Rng, SeedableRng};
 use serde_json::{json, Value};
 use std::collections::HashMap;
-use std::path::Path;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-fn send(s: &Server, method: &str, path: &str, body: Option<&Value>) -> (u16, Value) {
-    let req = match method {
-        "post" => s.client.post(s.url(path)),
-        "delete" => s.client.delete(s.url(path)),
-        _ => s.client.get(s.url(path)),
-    };
-    let req = if let Some(b) = body { req.json(b) } else { req };
-    match req.send() {
-        Ok(r) => {
-            let st = r.status().as_u16();
-            (st, r.json().unwrap_or(Value::Null))
-        }
-        Err(_) => (0, Value::Null),
-    }
-}
-
 fn checked(s: &Server, c: &Contract, method: &str, path: &str, doc_path: &str, body: Option<&Value>) -> (u16, Value) {
-    let (st, v) = send(s, method, path, body);
+    let (st, v) = s.send(method, path, body);
     c.check(doc_path, method, st, "application/json", &v);
     (st, v)
 }
 
-fn ids(v: &Value) -> Vec<String> {
-    v["results"].as_array().unwrap().iter().map(|r| r["id"].as_str().unwrap().to_string()).collect()
-}
-
 fn cand(id: &str, text: &str, meta: Value) -> Value {
     json!({"id": id, "text": text, "meta": meta})
-}
-
-fn with_store(setup: Setup, store: &Path) -> Setup {
-    setup.arg("--store-dir", store.to_str().unwrap())
 }
 
 #[test]
@@ -80,7 +55,7 @@ fn writes_filters_and_lookups_answer_as_documented() {
     checked(&s, &c, "post", "/candidates", "/candidates", Some(&json!({"candidates": [cand("new-1", "dogs and cats", json!({"lang": "zz"}))]})));
     let (st, v) = checked(&s, &c, "get", "/candidates/new-1", "/candidates/{id}", None);
     assert_eq!((st, v["text"].as_str()), (200, Some("dogs and cats")), "{v}");
-    let (_, v) = send(&s, "post", "/rank", Some(&json!({"context": "pizza", "filter": {"lang": "xx"}})));
+    let (_, v) = s.send("post", "/rank", Some(&json!({"context": "pizza", "filter": {"lang": "xx"}})));
     assert!(ids(&v).is_empty(), "the old meta no longer matches: {v}");
 
     // Delete: found and missing ids reported; gone from rankings, lookups and id lists.
@@ -90,7 +65,7 @@ fn writes_filters_and_lookups_answer_as_documented() {
     assert_eq!((st, v["error_type"].as_str()), (404, Some("not_found")));
     let (st, v) = checked(&s, &c, "post", "/rank", "/rank", Some(&json!({"context": "pizza", "ids": ["new-1"]})));
     assert_eq!(st, 422, "{v}");
-    let (_, v) = send(&s, "post", "/rank", Some(&json!({"context": "dogs and cats", "top_k": 1000})));
+    let (_, v) = s.send("post", "/rank", Some(&json!({"context": "dogs and cats", "top_k": 1000})));
     assert!(!ids(&v).contains(&"new-1".to_string()));
     assert_eq!(ids(&v).len(), 201);
 
@@ -112,7 +87,7 @@ fn writes_filters_and_lookups_answer_as_documented() {
         assert_eq!(st, 422, "{body} → {v}");
         assert!(v["error"].as_str().unwrap().contains(needle), "{body} → {v}");
     }
-    let (_, info) = send(&s, "get", "/info", None);
+    let (_, info) = s.send("get", "/info", None);
     assert_eq!(info["pool_size"], 201);
     assert_eq!(s.metric("polyrank_pool_writes_total{op=\"upsert\"}"), Some(3.0));
     assert_eq!(s.metric("polyrank_pool_writes_total{op=\"delete\"}"), Some(1.0));
@@ -123,9 +98,9 @@ fn writes_filters_and_lookups_answer_as_documented() {
     // With an API key, writes and lookups need it.
     let s = Server::start(&tiny_setup(dir.path(), 200, 41).arg("--api-key", "k3y"));
     s.wait_ready();
-    let (st, _) = send(&s, "post", "/candidates", Some(&json!({"candidates": [cand("z", "zz", json!({}))]})));
+    let (st, _) = s.send("post", "/candidates", Some(&json!({"candidates": [cand("z", "zz", json!({}))]})));
     assert_eq!(st, 401);
-    assert_eq!(send(&s, "get", "/candidates/c1", None).0, 401);
+    assert_eq!(s.send("get", "/candidates/c1", None).0, 401);
     let r = s.client.post(s.url("/candidates")).bearer_auth("k3y").json(&json!({"candidates": [cand("z", "zz", json!({}))]})).send().unwrap();
     assert_eq!(r.status().as_u16(), 200);
 }
@@ -213,13 +188,13 @@ fn filtered_rankings_equal_brute_force_on_random_meta() {
         updates.push(cand(&format!("p{i}"), &format!("updated {i}"), meta));
     }
     for chunk in updates.chunks(20) {
-        assert_eq!(send(&s, "post", "/candidates", Some(&json!({"candidates": chunk}))).0, 200);
+        assert_eq!(s.send("post", "/candidates", Some(&json!({"candidates": chunk}))).0, 200);
     }
     let (mut empty, mut nonempty) = (0, 0);
     for round in 0..80 {
         let filter = random_filter(&mut rng);
         let context = words[round % 10];
-        let (st, got) = send(&s, "post", "/rank", Some(&json!({"context": context, "filter": filter, "top_k": 1000})));
+        let (st, got) = s.send("post", "/rank", Some(&json!({"context": context, "filter": filter, "top_k": 1000})));
         assert_eq!(st, 200, "{filter} → {got}");
         let mut expected_ids: Vec<String> = metas.iter().filter(|(_, m)| passes(m, &filter)).map(|(id, _)| id.clone()).collect();
         expected_ids.sort();
@@ -230,7 +205,7 @@ fn filtered_rankings_equal_brute_force_on_random_meta() {
         }
         nonempty += 1;
         // The exact ranking of exactly those candidates.
-        let (_, exact) = send(&s, "post", "/rank", Some(&json!({"context": context, "ids": expected_ids, "top_k": 1000})));
+        let (_, exact) = s.send("post", "/rank", Some(&json!({"context": context, "ids": expected_ids, "top_k": 1000})));
         // Same candidates with the same scores (up to float noise: the two requests score the
         // rows in another order and batch), both best first.
         let scored = |v: &Value| -> Vec<(String, f64)> {
@@ -252,23 +227,23 @@ fn filtered_rankings_equal_brute_force_on_random_meta() {
 fn acknowledged_writes_survive_kill_9_and_a_torn_batch_is_all_or_nothing() {
     let dir = tempfile::tempdir().unwrap();
     let store = dir.path().join("store");
-    let setup = with_store(tiny_setup(dir.path(), 100, 44), &store);
+    let setup = tiny_setup(dir.path(), 100, 44).store(&store);
 
     // A: kill -9 right after the last acknowledged write.
     let s = Server::start(&setup);
     s.wait_ready();
     for b in 0..20 {
         let batch: Vec<Value> = (0..3).map(|j| cand(&format!("a{b}-{j}"), &format!("batch {b} item {j}"), json!({"b": b}))).collect();
-        assert_eq!(send(&s, "post", "/candidates", Some(&json!({"candidates": batch}))).0, 200);
+        assert_eq!(s.send("post", "/candidates", Some(&json!({"candidates": batch}))).0, 200);
     }
-    assert_eq!(send(&s, "delete", "/candidates", Some(&json!({"ids": ["a0-0", "c5"]}))).0, 200);
+    assert_eq!(s.send("delete", "/candidates", Some(&json!({"ids": ["a0-0", "c5"]}))).0, 200);
     unsafe_kill(s.child.id() as i32, "KILL");
     drop(s);
     let s = Server::start(&setup);
     s.wait_ready();
     for b in 0..20 {
         for j in 0..3 {
-            let (st, v) = send(&s, "get", &format!("/candidates/a{b}-{j}"), None);
+            let (st, v) = s.send("get", &format!("/candidates/a{b}-{j}"), None);
             if (b, j) == (0, 0) {
                 assert_eq!(st, 404);
             } else {
@@ -276,8 +251,8 @@ fn acknowledged_writes_survive_kill_9_and_a_torn_batch_is_all_or_nothing() {
             }
         }
     }
-    assert_eq!(send(&s, "get", "/candidates/c5", None).0, 404);
-    assert_eq!(send(&s, "get", "/info", None).1["pool_size"], 100 + 60 - 2);
+    assert_eq!(s.send("get", "/candidates/c5", None).0, 404);
+    assert_eq!(s.send("get", "/info", None).1["pool_size"], 100 + 60 - 2);
     drop(s);
 
     // B: the process dies half-way through writing a batch's record.
@@ -285,16 +260,16 @@ fn acknowledged_writes_survive_kill_9_and_a_torn_batch_is_all_or_nothing() {
     s.wait_ready();
     let first: Vec<Value> = (0..4).map(|j| cand(&format!("t1-{j}"), &format!("torn test one {j}"), json!({}))).collect();
     let second: Vec<Value> = (0..4).map(|j| cand(&format!("t2-{j}"), &format!("torn test two {j}"), json!({}))).collect();
-    assert_eq!(send(&s, "post", "/candidates", Some(&json!({"candidates": first}))).0, 200);
-    let (st, _) = send(&s, "post", "/candidates", Some(&json!({"candidates": second})));
+    assert_eq!(s.send("post", "/candidates", Some(&json!({"candidates": first}))).0, 200);
+    let (st, _) = s.send("post", "/candidates", Some(&json!({"candidates": second})));
     assert_ne!(st, 200, "the torn write was acknowledged");
     drop(s);
     let s = Server::start(&setup);
     s.wait_ready();
     assert!(s.logs().contains("cut short by a crash"), "{}", s.logs());
-    let present = |p: &str| (0..4).filter(|j| send(&s, "get", &format!("/candidates/{p}-{j}"), None).0 == 200).count();
+    let present = |p: &str| (0..4).filter(|j| s.send("get", &format!("/candidates/{p}-{j}"), None).0 == 200).count();
     assert_eq!((present("t1"), present("t2")), (4, 0));
-    assert_eq!(send(&s, "post", "/candidates", Some(&json!({"candidates": [cand("after", "after the crash", json!({}))]}))).0, 200);
+    assert_eq!(s.send("post", "/candidates", Some(&json!({"candidates": [cand("after", "after the crash", json!({}))]}))).0, 200);
     drop(s);
 
     // C: a real kill -9 at an arbitrary moment while batches are being written.
@@ -307,7 +282,7 @@ fn acknowledged_writes_survive_kill_9_and_a_torn_batch_is_all_or_nothing() {
             let mut sent = 0;
             while !stop.load(std::sync::atomic::Ordering::Relaxed) {
                 let batch: Vec<Value> = (0..5).map(|j| cand(&format!("k{sent}-{j}"), &format!("killed batch {sent} item {j}"), json!({}))).collect();
-                let (st, _) = send(&s, "post", "/candidates", Some(&json!({"candidates": batch})));
+                let (st, _) = s.send("post", "/candidates", Some(&json!({"candidates": batch})));
                 if st == 200 {
                     acked.lock().unwrap().push(sent);
                 }
@@ -326,7 +301,7 @@ fn acknowledged_writes_survive_kill_9_and_a_torn_batch_is_all_or_nothing() {
     let s = Server::start(&setup);
     s.wait_ready();
     for b in 0..sent {
-        let present = (0..5).filter(|j| send(&s, "get", &format!("/candidates/k{b}-{j}"), None).0 == 200).count();
+        let present = (0..5).filter(|j| s.send("get", &format!("/candidates/k{b}-{j}"), None).0 == 200).count();
         assert!(present == 0 || present == 5, "batch {b}: {present} of 5 present");
         if acked.contains(&b) {
             assert_eq!(present, 5, "acknowledged batch {b} lost");
@@ -338,11 +313,11 @@ fn acknowledged_writes_survive_kill_9_and_a_torn_batch_is_all_or_nothing() {
 fn a_flipped_byte_in_the_log_or_the_snapshot_is_reported_and_never_served() {
     let dir = tempfile::tempdir().unwrap();
     let store = dir.path().join("store");
-    let setup = with_store(tiny_setup(dir.path(), 100, 45), &store);
+    let setup = tiny_setup(dir.path(), 100, 45).store(&store);
     let s = Server::start(&setup);
     s.wait_ready();
     let batch: Vec<Value> = (0..8).map(|j| cand(&format!("f{j}"), &format!("flip test {j}"), json!({}))).collect();
-    assert_eq!(send(&s, "post", "/candidates", Some(&json!({"candidates": batch}))).0, 200);
+    assert_eq!(s.send("post", "/candidates", Some(&json!({"candidates": batch}))).0, 200);
     assert!(s.terminate().success());
 
     for (file, needle) in [("wal.log", "damaged record"), ("snapshot.bin", "damaged snapshot")] {
@@ -364,14 +339,14 @@ fn a_flipped_byte_in_the_log_or_the_snapshot_is_reported_and_never_served() {
         assert_eq!(ready.0, 503, "{file}: {}", ready.1);
         assert_eq!(ready.1["status"], "failed");
         assert!(ready.1["error"].as_str().unwrap().contains(needle), "{file}: {}", ready.1);
-        let (st, v) = send(&s, "post", "/rank", Some(&json!({"context": "flip test"})));
+        let (st, v) = s.send("post", "/rank", Some(&json!({"context": "flip test"})));
         assert_eq!((st, v["error_type"].as_str()), (503, Some("not_ready")), "{file}: {v}");
         drop(s);
         std::fs::write(&path, &good).unwrap();
     }
     let s = Server::start(&setup);
     s.wait_ready();
-    assert_eq!(send(&s, "get", "/candidates/f3", None).0, 200, "restored files serve again");
+    assert_eq!(s.send("get", "/candidates/f3", None).0, 200, "restored files serve again");
     // A second process on the same store is refused: its log records would interleave.
     let other = Server::start(&setup);
     let t0 = Instant::now();
@@ -384,7 +359,7 @@ fn a_flipped_byte_in_the_log_or_the_snapshot_is_reported_and_never_served() {
     };
     assert_eq!(v["status"], "failed", "{v}");
     assert!(v["error"].as_str().unwrap().contains("in use by another polyrank process"), "{v}");
-    assert_eq!(send(&s, "get", "/candidates/f3", None).0, 200, "the first one is unaffected");
+    assert_eq!(s.send("get", "/candidates/f3", None).0, 200, "the first one is unaffected");
 }
 
 #[test]
@@ -412,7 +387,7 @@ fn rankings_during_concurrent_writes_never_fail_nor_return_deleted_ids() {
                         let batch: Vec<Value> = (0..3)
                             .map(|j| cand(&format!("w{w}-{k}-{j}"), &format!("{} {} w{w} {k}", words[(k + j) % 8], words[j % 8]), json!({"writer": w, "k": k})))
                             .collect();
-                        let (st, _) = send(s, "post", "/candidates", Some(&json!({"candidates": batch})));
+                        let (st, _) = s.send("post", "/candidates", Some(&json!({"candidates": batch})));
                         *statuses.lock().unwrap().entry(st).or_default() += 1;
                         if st == 200 {
                             for j in 0..3 {
@@ -426,7 +401,7 @@ fn rankings_during_concurrent_writes_never_fail_nor_return_deleted_ids() {
                         // Deleted ids are never written again: any later sighting is a bug.
                         let n = rng.gen_range(1..=3).min(mine.len());
                         let gone: Vec<String> = mine.drain(..n).collect();
-                        let (st, _) = send(s, "delete", "/candidates", Some(&json!({"ids": gone})));
+                        let (st, _) = s.send("delete", "/candidates", Some(&json!({"ids": gone})));
                         *statuses.lock().unwrap().entry(st).or_default() += 1;
                         if st == 200 {
                             let at = Instant::now();
@@ -451,7 +426,7 @@ fn rankings_during_concurrent_writes_never_fail_nor_return_deleted_ids() {
                         json!({"context": words[(r + i) % 8], "top_k": 1000})
                     };
                     let started = Instant::now();
-                    let (st, v) = send(s, "post", "/rank", Some(&body));
+                    let (st, v) = s.send("post", "/rank", Some(&body));
                     *statuses.lock().unwrap().entry(st).or_default() += 1;
                     if st == 200 {
                         seen.lock().unwrap().push((started, ids(&v)));
@@ -476,12 +451,12 @@ fn rankings_during_concurrent_writes_never_fail_nor_return_deleted_ids() {
     }
     // The final pool is exactly the model of the acknowledged writes.
     let model = model.into_inner().unwrap();
-    assert_eq!(send(&s, "get", "/info", None).1["pool_size"], model.len());
+    assert_eq!(s.send("get", "/info", None).1["pool_size"], model.len());
     for id in model.keys() {
-        assert_eq!(send(&s, "get", &format!("/candidates/{id}"), None).0, 200, "{id} is missing");
+        assert_eq!(s.send("get", &format!("/candidates/{id}"), None).0, 200, "{id} is missing");
     }
     for id in deleted_at.keys() {
-        assert_eq!(send(&s, "get", &format!("/candidates/{id}"), None).0, 404, "{id} was deleted");
+        assert_eq!(s.send("get", &format!("/candidates/{id}"), None).0, 404, "{id} was deleted");
     }
 }
 
@@ -489,27 +464,27 @@ fn rankings_during_concurrent_writes_never_fail_nor_return_deleted_ids() {
 fn compaction_folds_the_log_into_a_snapshot_and_a_restart_sees_the_same_pool() {
     let dir = tempfile::tempdir().unwrap();
     let store = dir.path().join("store");
-    let setup = with_store(tiny_setup(dir.path(), 50, 47), &store).arg("--store-compact-bytes", "4096");
+    let setup = tiny_setup(dir.path(), 50, 47).store(&store).arg("--store-compact-bytes", "4096");
     let s = Server::start(&setup);
     s.wait_ready();
     let before = s.metric("polyrank_store_compactions_total").unwrap_or(0.0);
     for b in 0..40 {
         let batch: Vec<Value> = (0..3).map(|j| cand(&format!("z{b}-{j}"), &format!("compaction test {b} {j}"), json!({"b": b}))).collect();
-        assert_eq!(send(&s, "post", "/candidates", Some(&json!({"candidates": batch}))).0, 200);
+        assert_eq!(s.send("post", "/candidates", Some(&json!({"candidates": batch}))).0, 200);
         if b % 4 == 3 {
-            assert_eq!(send(&s, "delete", "/candidates", Some(&json!({"ids": [format!("z{}-0", b - 1)]}))).0, 200);
+            assert_eq!(s.send("delete", "/candidates", Some(&json!({"ids": [format!("z{}-0", b - 1)]}))).0, 200);
         }
     }
     std::thread::sleep(Duration::from_millis(300));
     let compactions = s.metric("polyrank_store_compactions_total").unwrap() - before;
     assert!(compactions >= 2.0, "{compactions} compactions for ~{} log bytes", 40 * 3 * 200);
     assert!(s.metric("polyrank_store_last_compaction_timestamp_seconds").unwrap() > 1.7e9);
-    let (_, full) = send(&s, "post", "/rank", Some(&json!({"context": "compaction test", "top_k": 1000})));
+    let (_, full) = s.send("post", "/rank", Some(&json!({"context": "compaction test", "top_k": 1000})));
     unsafe_kill(s.child.id() as i32, "KILL");
     drop(s);
     let s = Server::start(&setup);
     s.wait_ready();
-    let (_, again) = send(&s, "post", "/rank", Some(&json!({"context": "compaction test", "top_k": 1000})));
+    let (_, again) = s.send("post", "/rank", Some(&json!({"context": "compaction test", "top_k": 1000})));
     assert_eq!(ids(&again), ids(&full), "the pool after restart differs");
     assert_eq!(ids(&again).len(), 50 + 120 - 10);
 }

@@ -3,27 +3,11 @@
 
 mod common;
 
-use common::server::{Server, Setup};
+use common::server::{result_ids as ids, Server, Setup};
 use rand::{Rng, SeedableRng};
-use serde_json::{json, Value};
+use serde_json::json;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
-
-fn send(s: &Server, method: &str, path: &str, body: Option<&Value>) -> (u16, Value) {
-    let req = if method == "post" { s.client.post(s.url(path)) } else { s.client.get(s.url(path)) };
-    let req = if let Some(b) = body { req.json(b) } else { req };
-    let r = req.send().expect("request");
-    let st = r.status().as_u16();
-    (st, r.json().unwrap_or(Value::Null))
-}
-
-fn ids(v: &Value) -> Vec<String> {
-    v["results"].as_array().unwrap().iter().map(|r| r["id"].as_str().unwrap().to_string()).collect()
-}
-
-fn with_store(setup: Setup, store: &Path) -> Setup {
-    setup.arg("--store-dir", store.to_str().unwrap())
-}
 
 /// A store of `n` random unit vectors for `model`, seeded from `seed_file`'s candidates (so
 /// nothing is upserted at start), plus a log of a few writes.
@@ -73,18 +57,18 @@ fn a_100k_store_with_a_log_is_ready_within_3_seconds() {
     let model = common::default_model();
     let (seed, store) = (dir.path().join("seed.jsonl"), dir.path().join("store"));
     big_store(&model, &seed, &store, 100_000);
-    let setup = with_store(Setup::new(&model, &seed, &dir.path().join("cache")), &store);
+    let setup = Setup::new(&model, &seed, &dir.path().join("cache")).store(&store);
     let t0 = Instant::now();
     let s = Server::start(&setup);
     s.wait_ready();
     let secs = t0.elapsed().as_secs_f64();
     eprintln!("100k store + log ready in {secs:.2} s");
     assert!(secs <= 3.0, "ready after {secs:.2} s:\n{}", s.logs());
-    let (_, info) = send(&s, "get", "/info", None);
+    let (_, info) = s.send("get", "/info", None);
     assert_eq!(info["pool_size"], 100_000 + 5 - 1);
-    assert_eq!(send(&s, "get", "/candidates/log3", None).0, 200);
-    assert_eq!(send(&s, "get", "/candidates/s7", None).0, 404);
-    let (st, v) = send(&s, "post", "/rank", Some(&json!({"context": "hello", "filter": {"bucket": 3}, "top_k": 1000})));
+    assert_eq!(s.send("get", "/candidates/log3", None).0, 200);
+    assert_eq!(s.send("get", "/candidates/s7", None).0, 404);
+    let (st, v) = s.send("post", "/rank", Some(&json!({"context": "hello", "filter": {"bucket": 3}, "top_k": 1000})));
     assert_eq!((st, ids(&v).len()), (200, 1000), "1 % of the pool");
     assert!(!s.logs().contains("encoding pool"), "nothing was encoded");
 }

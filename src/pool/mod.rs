@@ -8,7 +8,7 @@ pub mod store;
 
 use anyhow::{bail, Context, Result};
 use serde::Deserialize;
-use std::collections::HashMap;
+use std::collections::HashSet;
 use std::path::Path;
 
 #[derive(Debug, Default)]
@@ -16,7 +16,8 @@ pub struct Pool {
     pub ids: Vec<String>,
     pub texts: Vec<String>,
     pub meta: Vec<Option<serde_json::Value>>,
-    index: HashMap<String, usize>,
+    /// Ids seen so far: ids must be unique across files.
+    seen: HashSet<String>,
 }
 
 #[derive(Deserialize)]
@@ -64,7 +65,7 @@ impl Pool {
             if text.trim().is_empty() {
                 bail!("{}:{line_no}: empty candidate text", path.display());
             }
-            if self.index.insert(id.clone(), self.ids.len()).is_some() {
+            if !self.seen.insert(id.clone()) {
                 bail!("{}:{line_no}: duplicate candidate id `{id}`", path.display());
             }
             self.ids.push(id);
@@ -80,9 +81,5 @@ impl Pool {
 
     pub fn is_empty(&self) -> bool {
         self.ids.is_empty()
-    }
-
-    pub fn position(&self, id: &str) -> Option<usize> {
-        self.index.get(id).copied()
     }
 }

@@ -39,6 +39,10 @@ impl Setup {
         self.env.push((k.into(), v.into()));
         self
     }
+    /// The live pool's store directory (otherwise `<cache>-store`).
+    pub fn store(self, dir: &Path) -> Self {
+        self.arg("--store-dir", dir.to_str().expect("a UTF-8 path"))
+    }
     pub fn binary(mut self, bin: &Path) -> Self {
         self.bin = Some(bin.into());
         self
@@ -124,6 +128,24 @@ impl Server {
         (status, r.json().unwrap_or(Value::Null))
     }
 
+    /// Any method with an optional JSON body; status 0 when the connection failed (a server
+    /// that died mid-request).
+    pub fn send(&self, method: &str, path: &str, body: Option<&Value>) -> (u16, Value) {
+        let req = match method {
+            "post" => self.client.post(self.url(path)),
+            "delete" => self.client.delete(self.url(path)),
+            _ => self.client.get(self.url(path)),
+        };
+        let req = if let Some(b) = body { req.json(b) } else { req };
+        match req.send() {
+            Ok(r) => {
+                let st = r.status().as_u16();
+                (st, r.json().unwrap_or(Value::Null))
+            }
+            Err(_) => (0, Value::Null),
+        }
+    }
+
     pub fn get(&self, path: &str) -> (u16, String) {
         let r = self.client.get(self.url(path)).send().expect("request");
         (r.status().as_u16(), r.text().unwrap())
@@ -195,4 +217,9 @@ pub fn write_pool(path: &Path, n: usize) {
         out.push('\n');
     }
     std::fs::write(path, out).unwrap();
+}
+
+/// The ids of a /rank response, best first.
+pub fn result_ids(v: &Value) -> Vec<String> {
+    v["results"].as_array().unwrap().iter().map(|r| r["id"].as_str().unwrap().to_string()).collect()
 }
