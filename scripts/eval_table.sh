@@ -5,14 +5,15 @@
 # fine-tuned rows (runs/). Models that share an encoder share one encoding pass.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-# Zero-shot bi-encoder, head-only heads (the previous default = poly-m64), the fine-tuned bi and
-# m = 16 runs, and the default (the fine-tuned m = 64 run, fp16 weights).
+# Zero-shot bi-encoder, head-only heads, the fine-tuned bi, m = 16 and m = 64 runs (same budget;
+# the m = 64 run is the previous default), and the default (that run continued for 480 more
+# steps: `make default-model`).
 models=(models/minilm-bi models/poly-m16 models/poly-m64)
 # Only finished runs (steps_done = the recipe's steps).
 finished() {
   python3 -c 'import json, re, sys; s = json.load(open(sys.argv[1])); sys.exit(s["steps_done"] != int(re.search(r"steps (\d+)", s["recipe"]).group(1)))' "$1/train_state.json" 2>/dev/null
 }
-for m in runs/ft-bi runs/ft-poly-m16; do
+for m in runs/ft-bi runs/ft-poly-m16 runs/ft-poly-m64; do
   if finished "$m"; then models+=("$m"); fi
 done
 models+=(models/default)

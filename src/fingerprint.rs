@@ -32,6 +32,12 @@ pub(crate) fn encoder_files(dir: &Path, settings: &PolySettings) -> Vec<PathBuf>
         files.push(dir.join(CANDIDATE_ENCODER_DIR).join(CONFIG_FILE));
         files.push(dir.join(CANDIDATE_ENCODER_DIR).join(WEIGHTS_FILE));
     }
+    // A weights delta changes the outputs as much as the weights do.
+    for d in [dir.to_path_buf(), dir.join(CANDIDATE_ENCODER_DIR)] {
+        if d.join(WEIGHTS_DELTA_FILE).exists() && (d == dir || !settings.share_encoders) {
+            files.push(d.join(WEIGHTS_DELTA_FILE));
+        }
+    }
     files
 }
 

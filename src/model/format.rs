@@ -9,6 +9,8 @@ pub const SETTINGS_FILE: &str = "polyrank.json";
 pub const HEAD_FILE: &str = "poly_head.safetensors";
 pub const CONFIG_FILE: &str = "config.json";
 pub const WEIGHTS_FILE: &str = "model.safetensors";
+/// Optional, beside `model.safetensors`: the weights as base + int8 difference (model/weights.rs).
+pub const WEIGHTS_DELTA_FILE: &str = "model.delta.safetensors";
 pub const TOKENIZER_FILE: &str = "tokenizer.json";
 /// With `share_encoders: false` the candidate encoder's checkpoint lives in this sub-directory.
 pub const CANDIDATE_ENCODER_DIR: &str = "candidate_encoder";

@@ -169,6 +169,6 @@ fn scaled(h: Tensor, scaling: f64) -> Tensor {
 fn load_bert(dir: &Path, config: &BertConfig, device: Device) -> Result<(VarStore, Bert), FormatError> {
     let mut vs = VarStore::new(device);
     let bert = Bert::new(vs.root(), config);
-    weights::load_into(&mut vs, &dir.join(WEIGHTS_FILE))?;
+    weights::load_encoder_into(&mut vs, dir)?;
     Ok((vs, bert))
 }

@@ -254,16 +254,23 @@ fn prepare_out(a: &TrainArgs, copy_encoder: bool) -> Result<PolySettings> {
         dirs.push(PathBuf::from(CANDIDATE_ENCODER_DIR));
     }
     for sub in dirs {
-        std::fs::create_dir_all(a.out.join(&sub))?;
-        for name in [CONFIG_FILE, WEIGHTS_FILE, TOKENIZER_FILE] {
-            let (src, dst) = (a.base.join(&sub).join(name), a.out.join(&sub).join(name));
-            if !src.exists() {
-                continue; // a candidate encoder may use the context encoder's tokenizer
-            }
+        let (from, to) = (a.base.join(&sub), a.out.join(&sub));
+        std::fs::create_dir_all(&to)?;
+        let has_delta = from.join(WEIGHTS_DELTA_FILE).exists();
+        for name in [CONFIG_FILE, WEIGHTS_FILE, WEIGHTS_DELTA_FILE, TOKENIZER_FILE] {
+            let (src, dst) = (from.join(name), to.join(name));
             if dst.symlink_metadata().is_ok() {
                 std::fs::remove_file(&dst)?;
             }
-            if copy_encoder {
+            if !src.exists() {
+                continue; // a candidate encoder may use the context encoder's tokenizer
+            }
+            if copy_encoder && has_delta && name == WEIGHTS_FILE {
+                // Checkpoints are written whole: base and delta become one weights file.
+                crate::model::weights::materialize(&from, &dst).with_context(|| format!("writing {}", dst.display()))?;
+            } else if copy_encoder && name == WEIGHTS_DELTA_FILE {
+                continue;
+            } else if copy_encoder {
                 std::fs::copy(&src, &dst).with_context(|| format!("copying {}", src.display()))?;
             } else {
                 std::os::unix::fs::symlink(src.canonicalize()?, &dst).with_context(|| format!("linking {}", dst.display()))?;
@@ -276,7 +283,7 @@ fn prepare_out(a: &TrainArgs, copy_encoder: bool) -> Result<PolySettings> {
         let cand = a.out.join(CANDIDATE_ENCODER_DIR);
         std::fs::create_dir_all(&cand)?;
         for name in [CONFIG_FILE, WEIGHTS_FILE] {
-            std::fs::copy(a.base.join(name), cand.join(name)).with_context(|| format!("copying {name} into {}", cand.display()))?;
+            std::fs::copy(a.out.join(name), cand.join(name)).with_context(|| format!("copying {name} into {}", cand.display()))?;
         }
         s.share_encoders = false;
     }
