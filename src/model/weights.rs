@@ -4,7 +4,8 @@
 //! `model.safetensors` (the base), `model.delta.safetensors` holds, for a base tensor `N`,
 //! `N.q` (int8, N's shape) and `N.scale` (f32, one per row, or one for a 1-d tensor); the
 //! weight is `N + N.q * N.scale`. Why: a fine-tuned model that starts from weights already
-//! in the repository costs a quarter of an fp16 copy (and is closer to fp32 than fp16 is).
+//! in the repository then costs a sixth of another fp16 copy in git (MiniLM: 7.7 MB against
+//! 42 MB; tensors that did not change, such as frozen embeddings, are not stored at all).
 
 use super::format::{FormatError, WEIGHTS_DELTA_FILE, WEIGHTS_FILE};
 use std::collections::HashMap;
