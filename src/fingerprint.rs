@@ -24,19 +24,17 @@ pub(crate) fn hash_file(h: &mut Sha256, path: &Path) -> Result<()> {
     }
 }
 
-/// The encoder side of a model directory: config, weights and tokenizer, and the candidate
-/// encoder's when it has its own.
+/// The encoder side of a model directory: config, weights (and their delta, when stored as
+/// base + delta) and tokenizer, and the candidate encoder's when it has its own.
 pub(crate) fn encoder_files(dir: &Path, settings: &PolySettings) -> Vec<PathBuf> {
-    let mut files = vec![dir.join(CONFIG_FILE), dir.join(WEIGHTS_FILE), dir.join(TOKENIZER_FILE)];
+    let weights = |d: &Path| {
+        let delta = d.join(WEIGHTS_DELTA_FILE);
+        [Some(d.join(CONFIG_FILE)), Some(d.join(WEIGHTS_FILE)), delta.exists().then_some(delta)].into_iter().flatten()
+    };
+    let mut files: Vec<PathBuf> = weights(dir).collect();
+    files.push(dir.join(TOKENIZER_FILE));
     if !settings.share_encoders {
-        files.push(dir.join(CANDIDATE_ENCODER_DIR).join(CONFIG_FILE));
-        files.push(dir.join(CANDIDATE_ENCODER_DIR).join(WEIGHTS_FILE));
-    }
-    // A weights delta changes the outputs as much as the weights do.
-    for d in [dir.to_path_buf(), dir.join(CANDIDATE_ENCODER_DIR)] {
-        if d.join(WEIGHTS_DELTA_FILE).exists() && (d == dir || !settings.share_encoders) {
-            files.push(d.join(WEIGHTS_DELTA_FILE));
-        }
+        files.extend(weights(&dir.join(CANDIDATE_ENCODER_DIR)));
     }
     files
 }

@@ -1,11 +1,14 @@
 //! A text alone and inside a padded batch must give the same outputs: this is what a broken
 //! attention mask or pooling mask fails.
 
+mod common;
+
+use common::max_diff;
 use polyrank::model::format::{AttentionKind, PolySettings, PolyType, Pooling};
 use polyrank::infer::ranker::Ranker;
 use polyrank::testkit::{tiny_settings, write_tiny_model};
 use polyrank::text::TextKind;
-use tch::{Device, Tensor};
+use tch::Device;
 
 const TEXTS: [&str; 4] = [
     "hi",
@@ -13,10 +16,6 @@ const TEXTS: [&str; 4] = [
     "cats",
     "how are you today, good or bad?",
 ];
-
-fn max_diff(a: &Tensor, b: &Tensor) -> f64 {
-    (a - b).abs().max().double_value(&[])
-}
 
 fn check(settings: PolySettings) {
     let _g = tch::no_grad_guard();

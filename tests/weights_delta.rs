@@ -3,6 +3,9 @@
 //! fingerprint (pool cache, store), a damaged delta is named, and fine-tuning from such a
 //! model starts from the added weights.
 
+mod common;
+
+use common::max_diff;
 use polyrank::fingerprint::encoder_fingerprint;
 use polyrank::infer::ranker::Ranker;
 use polyrank::model::format::*;
@@ -39,10 +42,8 @@ fn outputs(dir: &Path) -> (Tensor, Tensor) {
     (cands, ctx)
 }
 
-fn max_diff(a: &Tensor, b: &Tensor) -> f64 {
-    (a - b).abs().max().double_value(&[])
-}
-
+/// A copy, not a second `write_tiny_model` with the same seed: tests in this binary run in
+/// parallel and share libtorch's global generator.
 fn copy_dir(from: &Path, to: &Path) {
     std::fs::create_dir_all(to).unwrap();
     for e in std::fs::read_dir(from).unwrap() {

@@ -6,6 +6,11 @@ pub mod server;
 
 use std::path::PathBuf;
 
+/// Largest absolute elementwise difference of two tensors.
+pub fn max_diff(a: &tch::Tensor, b: &tch::Tensor) -> f64 {
+    (a - b).abs().max().double_value(&[])
+}
+
 pub fn root() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
 }

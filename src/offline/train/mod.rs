@@ -256,7 +256,6 @@ fn prepare_out(a: &TrainArgs, copy_encoder: bool) -> Result<PolySettings> {
     for sub in dirs {
         let (from, to) = (a.base.join(&sub), a.out.join(&sub));
         std::fs::create_dir_all(&to)?;
-        let has_delta = from.join(WEIGHTS_DELTA_FILE).exists();
         for name in [CONFIG_FILE, WEIGHTS_FILE, WEIGHTS_DELTA_FILE, TOKENIZER_FILE] {
             let (src, dst) = (from.join(name), to.join(name));
             if dst.symlink_metadata().is_ok() {
@@ -265,15 +264,16 @@ fn prepare_out(a: &TrainArgs, copy_encoder: bool) -> Result<PolySettings> {
             if !src.exists() {
                 continue; // a candidate encoder may use the context encoder's tokenizer
             }
-            if copy_encoder && has_delta && name == WEIGHTS_FILE {
-                // Checkpoints are written whole: base and delta become one weights file.
-                crate::model::weights::materialize(&from, &dst).with_context(|| format!("writing {}", dst.display()))?;
-            } else if copy_encoder && name == WEIGHTS_DELTA_FILE {
-                continue;
-            } else if copy_encoder {
-                std::fs::copy(&src, &dst).with_context(|| format!("copying {}", src.display()))?;
-            } else {
-                std::os::unix::fs::symlink(src.canonicalize()?, &dst).with_context(|| format!("linking {}", dst.display()))?;
+            match (copy_encoder, name) {
+                (false, _) => {
+                    std::os::unix::fs::symlink(src.canonicalize()?, &dst).with_context(|| format!("linking {}", dst.display()))?
+                }
+                // Checkpoints are written whole: a base's delta is added into the weights file.
+                (true, WEIGHTS_FILE) => crate::model::weights::materialize(&from, &dst).with_context(|| format!("writing {}", dst.display()))?,
+                (true, WEIGHTS_DELTA_FILE) => {}
+                (true, _) => {
+                    std::fs::copy(&src, &dst).with_context(|| format!("copying {}", src.display()))?;
+                }
             }
         }
     }
