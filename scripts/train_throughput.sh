@@ -25,3 +25,4 @@ run "all 6" shared false --train-layers all
 run "all 6 + embeddings" shared false --train-layers all --train-embeddings
 run "all 6" shared true --train-layers all
 run "all 6 (the recipe, + last-turn negatives)" separate false --train-layers all --separate-encoders --context-negatives
+run "all 6 (the recipe, bf16 matmuls: --precision bf16)" separate false --train-layers all --separate-encoders --context-negatives --precision bf16

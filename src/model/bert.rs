@@ -4,6 +4,7 @@
 //! so HF weights load as they are.
 
 use super::format::{FormatError, CONFIG_FILE};
+use super::mixed::linear;
 use serde::{Deserialize, Serialize};
 use std::path::Path;
 use tch::{nn, nn::Module, Kind, Tensor};
@@ -153,9 +154,9 @@ impl BertSelfAttention {
         let (b, n, d) = hidden_states.size3().expect("[B, n, d]");
         let dh = d / self.num_attention_heads;
         let split_heads = |t: Tensor| t.view([b, n, self.num_attention_heads, dh]).transpose(1, 2);
-        let q = split_heads(self.query.forward(hidden_states));
-        let k = split_heads(self.key.forward(hidden_states));
-        let v = split_heads(self.value.forward(hidden_states));
+        let q = split_heads(linear(&self.query, hidden_states));
+        let k = split_heads(linear(&self.key, hidden_states));
+        let v = split_heads(linear(&self.value, hidden_states));
         let scores = q.matmul(&k.transpose(-1, -2)) / (dh as f64).sqrt() + attention_mask;
         // fp32 accumulation: a half-precision softmax over long rows loses the small weights.
         let probs = scores.softmax(-1, Kind::Float).to_kind(scores.kind());
@@ -166,7 +167,7 @@ impl BertSelfAttention {
 /// The dense + residual + LayerNorm that `BertSelfOutput` and `BertOutput` share in HF too;
 /// only their input widths differ.
 fn dense_add_norm(dense: &nn::Linear, layer_norm: &nn::LayerNorm, hidden_states: &Tensor, input_tensor: &Tensor) -> Tensor {
-    layer_norm.forward(&(dense.forward(hidden_states) + input_tensor))
+    layer_norm.forward(&(linear(dense, hidden_states) + input_tensor))
 }
 
 #[derive(Debug)]
@@ -225,7 +226,7 @@ impl BertIntermediate {
     }
 
     fn forward(&self, hidden_states: &Tensor) -> Tensor {
-        self.intermediate_act_fn.forward(&self.dense.forward(hidden_states))
+        self.intermediate_act_fn.forward(&linear(&self.dense, hidden_states))
     }
 }
 

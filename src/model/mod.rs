@@ -5,6 +5,7 @@ pub mod bert;
 pub mod poly;
 pub mod scoring;
 pub mod format;
+pub mod mixed;
 pub(crate) mod init;
 pub(crate) mod weights;
 

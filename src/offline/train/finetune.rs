@@ -14,10 +14,11 @@
 //! short texts are not padded to the longest of the batch.
 
 use super::adamw::AdamW;
-use super::{apply_init_std, load_pairs, load_state, load_valid, log_entry, prepare_out, save_settings_and_state, score_valid, write_atomically, Pair, TrainArgs, TrainLayers, TrainState};
+use super::{apply_init_std, load_pairs, load_state, load_valid, log_entry, prepare_out, save_settings_and_state, score_valid, write_atomically, Pair, Precision, TrainArgs, TrainLayers, TrainState};
 use crate::offline::eval::Features;
 use crate::model::scoring::ContextVectors;
 use crate::model::format::*;
+use crate::model::mixed::with_matmul_kind;
 use crate::model::PolyEncoder;
 use crate::infer::ranker::Ranker;
 use crate::text::{to_batch, Batch, Tokenizer, TextKind};
@@ -169,6 +170,8 @@ pub struct Trainer {
     pub ranker: Ranker,
     text: Tokenizer,
     opt: AdamW,
+    /// `--precision`: the dense layers' kind inside a training step (None: fp32).
+    matmul_kind: Option<Kind>,
     pub trainable: usize,
 }
 
@@ -193,14 +196,14 @@ impl Trainer {
         s.max_context_tokens = a.max_context_tokens.unwrap_or(s.max_context_tokens);
         s.max_candidate_tokens = a.max_candidate_tokens.unwrap_or(s.max_candidate_tokens);
         let text = Tokenizer::load(dir, &s)?;
-        Ok(Trainer { ranker, text, opt, trainable })
+        Ok(Trainer { ranker, text, opt, matmul_kind: a.precision.matmul_kind(), trainable })
     }
 
     /// Loss and gradients of one batch, without an update (gradients are zeroed first).
     pub fn gradients(&mut self, pairs: &[&Pair], chunk: usize, scale: f64, grad_cache: bool, context_negatives: bool) -> Result<f64> {
         self.opt.zero_grad();
         let b = PreparedBatch::new(&self.text, pairs, chunk, context_negatives, self.ranker.model.device)?;
-        Ok(accumulate_gradients(&self.ranker.model, &b, scale, grad_cache))
+        Ok(with_matmul_kind(self.matmul_kind, || accumulate_gradients(&self.ranker.model, &b, scale, grad_cache)))
     }
 
     /// The trainable variables' gradients by name (for tests and diagnostics).
@@ -250,6 +253,11 @@ pub(super) fn train(a: &TrainArgs) -> Result<TrainState> {
         a.seed, pairs.len(), a.data.display(), a.batch_size, a.warmup_steps, a.train_layers, a.train_embeddings, a.lr, a.lr_encoder,
         a.weight_decay, a.clip_norm, a.logit_scale, a.max_context_tokens, a.max_candidate_tokens, a.context_negatives
     );
+    // Said only when not fp32, so the recipes of runs from before the option still match.
+    let recipe = match a.precision {
+        Precision::Fp32 => recipe,
+        p => format!("{recipe} | precision {p:?}"),
+    };
     if a.resume {
         if !state.recipe.is_empty() && state.recipe != recipe {
             anyhow::bail!("--resume with other settings than the checkpoint's:\n  checkpoint: {}\n  now:        {recipe}", state.recipe);
