@@ -6,7 +6,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 # Zero-shot bi-encoder, head-only heads, the fine-tuned bi, m = 16 and m = 64 runs (same budget;
-# the m = 64 run is the previous default), and the default (that run continued for 480 more
+# the m = 64 run is the previous default), and the default (that run continued for 630 more
 # steps: `make default-model`).
 models=(models/minilm-bi models/poly-m16 models/poly-m64)
 # Only finished runs (steps_done = the recipe's steps).
