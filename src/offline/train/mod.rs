@@ -123,7 +123,8 @@ pub struct TrainArgs {
     pub grad_cache: bool,
     /// Fine-tuning: `bf16` multiplies the encoder's dense layers in bfloat16 (weights,
     /// gradients and the optimizer stay fp32; see `model::mixed`): about 1.6× the steps per
-    /// second on CPUs with AVX512-BF16, slower on CPUs without it. Validation passes and the
+    /// second on CPUs with AVX512-BF16 (without it, bf16 is emulated and may be slower: measure
+    /// with scripts/train_throughput.sh). Validation passes and the
     /// saved model are fp32 either way.
     #[arg(long, value_enum, default_value_t = Precision::Fp32)]
     pub precision: Precision,
