@@ -2,6 +2,9 @@
 //! full-batch gradient, gradients reach the encoder, a tiny model learns a toy task, resume is
 //! exact, separate encoders both train, and checkpoints load as model directories.
 
+mod common;
+
+use common::{max_diff_by_name, toy_pairs, TOY_WORDS};
 use polyrank::model::format::*;
 use polyrank::testkit::{tiny_settings, write_tiny_model};
 use polyrank::offline::train::finetune::Trainer;
@@ -21,17 +24,6 @@ fn serial() -> MutexGuard<'static, ()> {
     SERIAL.lock().unwrap_or_else(|e| e.into_inner())
 }
 
-const WORDS: [&str; 10] = ["pizza", "cats", "dogs", "rain", "music", "guitar", "books", "paris", "sun", "food"];
-
-fn toy_pairs(n: usize) -> Vec<Pair> {
-    (0..n)
-        .map(|i| {
-            let (w, filler) = (WORDS[i % 10], WORDS[(i * 7 + 3) % 10]);
-            Pair { context: vec![format!("hello {filler}"), format!("i like {w}")], response: format!("{w} {w} is good") }
-        })
-        .collect()
-}
-
 fn write_toy(dir: &Path) -> (PathBuf, PathBuf) {
     let train: String = toy_pairs(400)
         .iter()
@@ -39,8 +31,8 @@ fn write_toy(dir: &Path) -> (PathBuf, PathBuf) {
         .collect();
     let valid: String = (0..40)
         .map(|i| {
-            let cands: Vec<String> = WORDS.iter().map(|c| format!("{c} {c} is good")).collect();
-            let ctx = [format!("hello {}", WORDS[(i * 3 + 1) % 10]), format!("i like {}", WORDS[i % 10])];
+            let cands: Vec<String> = TOY_WORDS.iter().map(|c| format!("{c} {c} is good")).collect();
+            let ctx = [format!("hello {}", TOY_WORDS[(i * 3 + 1) % 10]), format!("i like {}", TOY_WORDS[i % 10])];
             serde_json::json!({"context": ctx, "candidates": cands, "label": i % 10}).to_string() + "\n"
         })
         .collect();
@@ -60,11 +52,6 @@ fn args(flags: &[&str]) -> TrainArgs {
 
 fn tensors(path: &Path) -> HashMap<String, Tensor> {
     Tensor::read_safetensors(path).unwrap().into_iter().collect()
-}
-
-fn max_diff(a: &HashMap<String, Tensor>, b: &HashMap<String, Tensor>) -> f64 {
-    assert_eq!(a.len(), b.len());
-    a.iter().map(|(k, t)| (t - &b[k]).abs().max().double_value(&[])).fold(0.0, f64::max)
 }
 
 #[test]
@@ -87,7 +74,7 @@ fn gradient_caching_gives_the_full_batch_gradient_and_reaches_the_encoder() {
         assert!((direct_loss - cached_loss).abs() < 1e-5, "{direct_loss} vs {cached_loss}");
         assert_eq!(direct.len(), cached.len());
         let scale = direct.values().map(|g| g.abs().max().double_value(&[])).fold(0.0, f64::max);
-        let diff = max_diff(&direct, &cached);
+        let diff = max_diff_by_name(&direct, &cached);
         eprintln!("share={share}: {} gradients, max |g| {scale:.3e}, max diff {diff:.3e}", direct.len());
         assert!(diff <= 1e-5 * scale.max(1.0), "gradient caching differs from the full batch: {diff}");
         // Gradients reach the encoder(s): the bottom layer and the embeddings of each.
@@ -149,7 +136,7 @@ fn fine_tuning_learns_checkpoints_load_and_resume_is_exact() {
 
     // The encoder itself changed, and the checkpoint is a model directory that eval loads
     // and that agrees with training's own figure.
-    let diff = max_diff(&tensors(&base.join(WEIGHTS_FILE)), &tensors(&out.join(WEIGHTS_FILE)));
+    let diff = max_diff_by_name(&tensors(&base.join(WEIGHTS_FILE)), &tensors(&out.join(WEIGHTS_FILE)));
     assert!(diff > 1e-3, "encoder weights unchanged ({diff})");
     assert!(!out.join(WEIGHTS_FILE).symlink_metadata().unwrap().file_type().is_symlink());
     let ranker = polyrank::infer::ranker::Ranker::load(&out, tch::Device::Cpu).unwrap();
@@ -170,7 +157,7 @@ fn fine_tuning_learns_checkpoints_load_and_resume_is_exact() {
     let resumed = train(TrainArgs::from_flags(&f).unwrap()).unwrap();
     assert_eq!(resumed.steps_done, 36);
     for file in [WEIGHTS_FILE, HEAD_FILE] {
-        let d = max_diff(&tensors(&out.join(file)), &tensors(&split.join(file)));
+        let d = max_diff_by_name(&tensors(&out.join(file)), &tensors(&split.join(file)));
         assert!(d < 1e-6, "{file}: resumed run differs from the straight run by {d}");
     }
     assert_eq!(resumed.history.last().unwrap().valid.unwrap().r_at_1, after);
@@ -197,8 +184,8 @@ fn separate_encoders_both_fine_tune_and_load() {
     ]))
     .unwrap();
     let cand = Path::new(CANDIDATE_ENCODER_DIR).join(WEIGHTS_FILE);
-    let d_ctx = max_diff(&tensors(&base.join(WEIGHTS_FILE)), &tensors(&out.join(WEIGHTS_FILE)));
-    let d_cand = max_diff(&tensors(&base.join(&cand)), &tensors(&out.join(&cand)));
+    let d_ctx = max_diff_by_name(&tensors(&base.join(WEIGHTS_FILE)), &tensors(&out.join(WEIGHTS_FILE)));
+    let d_cand = max_diff_by_name(&tensors(&base.join(&cand)), &tensors(&out.join(&cand)));
     assert!(d_ctx > 0.0 && d_cand > 0.0, "context encoder moved {d_ctx}, candidate encoder {d_cand}");
     let r = polyrank::infer::ranker::Ranker::load(&out, tch::Device::Cpu).unwrap();
     assert!(!r.model.settings.share_encoders);
@@ -217,7 +204,7 @@ fn separate_encoders_both_fine_tune_and_load() {
     assert!(!r.model.settings.share_encoders);
     let base_w = tensors(&shared.join(WEIGHTS_FILE));
     let (ctx_w, cand_w) = (tensors(&out.join(WEIGHTS_FILE)), tensors(&out.join(&cand)));
-    assert!(max_diff(&base_w, &ctx_w) > 0.0 && max_diff(&base_w, &cand_w) > 0.0 && max_diff(&ctx_w, &cand_w) > 0.0);
+    assert!(max_diff_by_name(&base_w, &ctx_w) > 0.0 && max_diff_by_name(&base_w, &cand_w) > 0.0 && max_diff_by_name(&ctx_w, &cand_w) > 0.0);
 }
 
 #[test]

@@ -4,6 +4,9 @@
 //! A binary of its own: tiny models are drawn from libtorch's global random generator, and a
 //! test beside others in one process would draw other weights for them (and they for it).
 
+mod common;
+
+use common::{max_diff_by_name, toy_pairs};
 use polyrank::offline::train::finetune::Trainer;
 use polyrank::offline::train::{Pair, TrainArgs};
 use polyrank::testkit::{tiny_settings, write_tiny_model};
@@ -17,20 +20,6 @@ fn s(p: &Path) -> String {
 
 fn args(flags: &[&str]) -> TrainArgs {
     TrainArgs::from_flags(flags).unwrap()
-}
-
-fn toy_pairs(n: usize) -> Vec<Pair> {
-    let words = ["pizza", "cats", "dogs", "rain", "music", "guitar", "books", "paris", "sun", "food"];
-    (0..n)
-        .map(|i| {
-            let (w, filler) = (words[i % 10], words[(i * 7 + 3) % 10]);
-            Pair { context: vec![format!("hello {filler}"), format!("i like {w}")], response: format!("{w} {w} is good") }
-        })
-        .collect()
-}
-
-fn max_diff(a: &HashMap<String, Tensor>, b: &HashMap<String, Tensor>) -> f64 {
-    a.iter().map(|(k, t)| (t - &b[k]).abs().max().double_value(&[])).fold(0.0, f64::max)
 }
 
 #[test]
@@ -56,7 +45,7 @@ fn bf16_matmuls_follow_the_fp32_gradient_and_leave_serving_fp32() {
     assert!((l32 - l16).abs() < 0.05 * l32, "loss {l32} (fp32) vs {l16} (bf16)");
     let (g32, g16): (HashMap<String, Tensor>, HashMap<String, Tensor>) = (fp32.grads().into_iter().collect(), bf16.grads().into_iter().collect());
     assert_eq!(g32.len(), g16.len());
-    assert!(max_diff(&g32, &g16) > 0.0, "--precision bf16 changed nothing: the dense layers did not multiply in bf16");
+    assert!(max_diff_by_name(&g32, &g16) > 0.0, "--precision bf16 changed nothing: the dense layers did not multiply in bf16");
     let largest = g32.values().map(|g| g.norm().double_value(&[])).fold(0.0, f64::max);
     let (mut checked, mut min_cos) = (0, 1.0f64);
     for (name, a) in &g32 {
