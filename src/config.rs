@@ -40,6 +40,11 @@ pub struct ServeArgs {
     #[arg(long, env = "POLYRANK_STORE_DIR")]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub store_dir: Option<PathBuf>,
+    /// The live pool's store shared by replicas: a PostgreSQL connection string
+    /// (postgres://user:password@host:port/db). Empty: this replica's own files in store_dir.
+    #[arg(long, env = "POLYRANK_STORE_URL", hide_env_values = true)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub store_url: Option<String>,
     /// Write-ahead log size in bytes past which the store writes a new snapshot (in the
     /// background) and starts a new log.
     #[arg(long, env = "POLYRANK_STORE_COMPACT_BYTES")]
@@ -144,6 +149,9 @@ pub struct Config {
     pub candidates: Vec<PathBuf>,
     pub cache_dir: PathBuf,
     pub store_dir: PathBuf,
+    /// Credentials never leave the process: serialised (the startup log) without them.
+    #[serde(serialize_with = "redacted_url")]
+    pub store_url: String,
     pub store_compact_bytes: u64,
     pub host: String,
     pub port: u16,
@@ -167,6 +175,17 @@ pub struct Config {
     pub approx_preselect: usize,
     pub cache_keep: usize,
     pub fp16_candidates: bool,
+}
+
+/// A connection string as the logs may show it: scheme, host, port and database only.
+fn redacted_url<S: serde::Serializer>(url: &str, s: S) -> Result<S::Ok, S::Error> {
+    if url.is_empty() {
+        return s.serialize_str("");
+    }
+    match url.parse::<tokio_postgres::Config>() {
+        Ok(c) => s.serialize_str(&format!("postgres://{}", crate::pool::store::postgres::describe(&c))),
+        Err(_) => s.serialize_str("(unparsable)"),
+    }
 }
 
 /// Encoder compute precision, parsed once from the settings.
@@ -239,6 +258,15 @@ impl Config {
             self.threads
         );
         anyhow::ensure!(!self.candidates.is_empty(), "at least one candidates file is needed");
+        if !self.store_url.is_empty() {
+            anyhow::ensure!(
+                self.store_url.starts_with("postgres://") || self.store_url.starts_with("postgresql://"),
+                "store_url must be empty (this replica's files in store_dir) or a postgres:// connection string"
+            );
+            self.store_url
+                .parse::<tokio_postgres::Config>()
+                .map_err(|e| anyhow::anyhow!("store_url is not a valid PostgreSQL connection string: {e}"))?;
+        }
         self.device()?;
         Ok(())
     }

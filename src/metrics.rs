@@ -17,6 +17,11 @@ pub(crate) const WRITES: &str = "polyrank_pool_writes_total";
 pub(crate) const STORE_LOG_BYTES: &str = "polyrank_store_log_bytes";
 pub(crate) const STORE_LAST_COMPACTION: &str = "polyrank_store_last_compaction_timestamp_seconds";
 pub(crate) const STORE_COMPACTIONS: &str = "polyrank_store_compactions_total";
+/// 1 while the store answers (always for the local store), 0 while a shared store's
+/// database cannot be reached.
+pub(crate) const STORE_CONNECTED: &str = "polyrank_store_connected";
+/// 0 while this replica is caught up with the store, else seconds since it last was.
+pub(crate) const STORE_LAG_SECONDS: &str = "polyrank_store_lag_seconds";
 
 const LATENCY_BUCKETS: &[f64] =
     &[0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0];
@@ -40,6 +45,8 @@ pub(crate) fn install() -> anyhow::Result<PrometheusHandle> {
     metrics::describe_gauge!(STORE_LOG_BYTES, "Bytes in the store's write-ahead log since the last snapshot");
     metrics::describe_gauge!(STORE_LAST_COMPACTION, "When the store last wrote a snapshot (Unix seconds)");
     metrics::describe_counter!(STORE_COMPACTIONS, "Snapshots written by the store");
+    metrics::describe_gauge!(STORE_CONNECTED, "1 while the store can be reached");
+    metrics::describe_gauge!(STORE_LAG_SECONDS, "Seconds since this replica was last caught up with the store (0 when it is)");
     metrics::counter!(POOL_ENCODED).absolute(0);
     Ok(handle)
 }

@@ -4,6 +4,7 @@
 use crate::config::{Config, ServeArgs};
 use crate::http::{router, shutdown_signal, AppState};
 use crate::pool::cache::PoolCache;
+use crate::pool::store::{Durable, FileStore, PgStore};
 use anyhow::{Context, Result};
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -15,7 +16,7 @@ pub fn serve(args: ServeArgs) -> Result<()> {
         tracing::warn!("pool cache not seeded from the install: {e:#}");
     }
     let metrics = crate::metrics::install()?;
-    let (infer, inference) = crate::infer::start(&config)?;
+    let (infer, inference) = crate::infer::start(&config, open_store(&config)?)?;
     let state = Arc::new(AppState { infer, config: config.clone(), metrics });
 
     let runtime = tokio::runtime::Builder::new_multi_thread()
@@ -42,7 +43,7 @@ pub fn serve(args: ServeArgs) -> Result<()> {
 /// build time so that the image starts ready.
 pub fn warm_cache(args: ServeArgs) -> Result<()> {
     let config = Config::resolve(&args)?;
-    let (infer, inference) = crate::infer::start(&config)?;
+    let (infer, inference) = crate::infer::start(&config, open_store(&config)?)?;
     while !infer.status().is_ready() {
         if let Some(f) = infer.status().failure() {
             anyhow::bail!("pool encoding failed: {f}");
@@ -52,6 +53,16 @@ pub fn warm_cache(args: ServeArgs) -> Result<()> {
     inference.shutdown();
     println!("{}", cache_file(&config)?.display());
     Ok(())
+}
+
+/// The live pool's store, chosen here and only here: PostgreSQL shared by every replica when
+/// `store_url` is set, else this replica's own files in `store_dir`.
+fn open_store(config: &Config) -> Result<Box<dyn Durable>> {
+    if config.store_url.is_empty() {
+        Ok(Box::new(FileStore::open_dir(&config.store_dir, config.store_compact_bytes)?))
+    } else {
+        Ok(Box::new(PgStore::new(&config.store_url)?))
+    }
 }
 
 /// This model's and pool's cache file in `cache_dir` (its name is the content key).

@@ -12,7 +12,7 @@ use std::time::Instant;
 /// A store of `n` random unit vectors for `model`, seeded from `seed_file`'s candidates (so
 /// nothing is upserted at start), plus a log of a few writes.
 fn big_store(model: &Path, seed_file: &Path, store: &Path, n: usize) {
-    use polyrank::pool::store::{seed_hash, vectors_key, write_snapshot, Candidate, Durable, FileStore, Op, Snapshot, SnapshotHeader};
+    use polyrank::pool::store::{seed_hash, vectors_key, write_snapshot, Candidate, Files, Op, Snapshot, SnapshotHeader};
     let settings = polyrank::model::format::PolySettings::load(model).unwrap();
     let d = polyrank::model::bert::BertConfig::load(model).unwrap().hidden_size as usize;
     let mut rng = rand::rngs::StdRng::seed_from_u64(9);
@@ -45,7 +45,7 @@ fn big_store(model: &Path, seed_file: &Path, store: &Path, n: usize) {
         d,
     };
     write_snapshot(store, &Snapshot { header, candidates, vectors: unit(n) }).unwrap();
-    let mut wal = FileStore::open(store).unwrap();
+    let mut wal = Files::open(store).unwrap();
     let extra: Vec<Candidate> = (0..5).map(|j| Candidate { id: format!("log{j}"), text: format!("from the log {j}"), meta: None }).collect();
     wal.append(1, &Op::Upsert(extra, unit(5))).unwrap();
     wal.append(2, &Op::Delete(vec!["s7".into()])).unwrap();

@@ -6,7 +6,8 @@ use super::AppState;
 use crate::infer::{RankQuery, Ranking, Vectors};
 use crate::pool::store::Candidate;
 use crate::infer::TextKind;
-use axum::extract::{FromRequest, Path, State};
+use axum::extract::rejection::QueryRejection;
+use axum::extract::{FromRequest, Path, Query, State};
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::Json;
@@ -51,6 +52,9 @@ pub struct RankRequest {
     pub filter: Option<serde_json::Value>,
     #[serde(default)]
     pub return_meta: bool,
+    /// Rank once this replica has applied the store's changes up to this seq.
+    #[serde(default, deserialize_with = "present")]
+    pub min_seq: Option<u64>,
 }
 
 #[derive(Serialize)]
@@ -103,6 +107,7 @@ pub async fn rank(State(state): State<Arc<AppState>>, ApiJson(req): ApiJson<Rank
         filter: req.filter,
         return_text: req.return_text,
         return_meta: req.return_meta,
+        min_seq: req.min_seq,
     };
     let Ranking(hits) = state.infer.rank(query).await?;
     let results = hits.into_iter().map(|h| RankResult { id: h.id, score: h.score, text: h.text, meta: h.meta }).collect();
@@ -144,6 +149,8 @@ pub struct WriteResponse {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub not_found: Option<Vec<String>>,
     pub pool_size: usize,
+    /// The store's sequence number of this write: `min_seq` reads it back on any replica.
+    pub seq: u64,
     pub took_ms: f64,
 }
 
@@ -152,7 +159,7 @@ pub async fn upsert(State(state): State<Arc<AppState>>, ApiJson(req): ApiJson<Up
     let n = req.candidates.len();
     let w = state.infer.upsert(req.candidates).await?;
     let took_ms = started.elapsed().as_secs_f64() * 1e3;
-    Ok(Json(WriteResponse { upserted: Some(n), deleted: None, not_found: None, pool_size: w.pool_size, took_ms }))
+    Ok(Json(WriteResponse { upserted: Some(n), deleted: None, not_found: None, pool_size: w.pool_size, seq: w.seq, took_ms }))
 }
 
 pub async fn delete(State(state): State<Arc<AppState>>, ApiJson(req): ApiJson<DeleteRequest>) -> Result<Json<WriteResponse>, ApiError> {
@@ -161,11 +168,22 @@ pub async fn delete(State(state): State<Arc<AppState>>, ApiJson(req): ApiJson<De
     let w = state.infer.delete(req.ids).await?;
     let took_ms = started.elapsed().as_secs_f64() * 1e3;
     let deleted = Some(n - w.missing.len());
-    Ok(Json(WriteResponse { upserted: None, deleted, not_found: Some(w.missing), pool_size: w.pool_size, took_ms }))
+    Ok(Json(WriteResponse { upserted: None, deleted, not_found: Some(w.missing), pool_size: w.pool_size, seq: w.seq, took_ms }))
 }
 
-pub async fn get_candidate(State(state): State<Arc<AppState>>, Path(id): Path<String>) -> Result<Json<Candidate>, ApiError> {
-    state.infer.get(id.clone()).await?.map(Json).ok_or_else(|| ApiError::NoSuchCandidate(id))
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct GetQuery {
+    pub min_seq: Option<u64>,
+}
+
+pub async fn get_candidate(
+    State(state): State<Arc<AppState>>,
+    Path(id): Path<String>,
+    query: Result<Query<GetQuery>, QueryRejection>,
+) -> Result<Json<Candidate>, ApiError> {
+    let Query(q) = query.map_err(|e| ApiError::Validation(e.body_text()))?;
+    state.infer.get(id.clone(), q.min_seq).await?.map(Json).ok_or_else(|| ApiError::NoSuchCandidate(id))
 }
 
 pub async fn live() -> Json<serde_json::Value> {
@@ -185,6 +203,8 @@ pub async fn ready(State(state): State<Arc<AppState>>) -> Response {
     let mut body = serde_json::json!({"status": status, "encoded": encoded, "total": total});
     if let Some(f) = s.failure() {
         body["error"] = f.into();
+    } else if let Some(p) = s.phase().filter(|_| !s.is_ready()) {
+        body["phase"] = p.into();
     }
     (code, Json(body)).into_response()
 }
@@ -197,6 +217,15 @@ pub async fn info(State(state): State<Arc<AppState>>) -> Json<serde_json::Value>
     v["ready"] = s.is_ready().into();
     v["cache_reused"] = s.cache_reused().into();
     v["fp16_candidates"] = state.config.fp16_candidates.into();
+    v["pool_digest"] = s.pool_digest().into();
+    if let Some(h) = s.store_health() {
+        v["store"] = serde_json::json!({
+            "kind": h.kind,
+            "connected": h.connected,
+            "lag_seconds": h.lag_seconds,
+            "applied_seq": s.applied_seq(),
+        });
+    }
     v["limits"] = serde_json::json!({
         "max_top_k": state.config.max_top_k,
         "max_inline_candidates": state.config.max_inline_candidates,

@@ -31,6 +31,10 @@ pub enum ApiError {
     NotReady(String),
     #[error("the request exceeded its time budget")]
     Timeout,
+    #[error("{0}; the write was not applied, retry shortly")]
+    StoreUnavailable(String),
+    #[error("{0}")]
+    Behind(String),
     #[error("internal error: {0}")]
     Internal(String),
 }
@@ -46,7 +50,7 @@ impl ApiError {
             ApiError::NotFound | ApiError::NoSuchCandidate(_) => StatusCode::NOT_FOUND,
             ApiError::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
             ApiError::Overloaded => StatusCode::TOO_MANY_REQUESTS,
-            ApiError::NotReady(_) | ApiError::Timeout => StatusCode::SERVICE_UNAVAILABLE,
+            ApiError::NotReady(_) | ApiError::Timeout | ApiError::StoreUnavailable(_) | ApiError::Behind(_) => StatusCode::SERVICE_UNAVAILABLE,
             ApiError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
         }
     }
@@ -63,6 +67,8 @@ impl ApiError {
             ApiError::Overloaded => "overloaded",
             ApiError::NotReady(_) => "not_ready",
             ApiError::Timeout => "timeout",
+            ApiError::StoreUnavailable(_) => "store_unavailable",
+            ApiError::Behind(_) => "behind",
             ApiError::Internal(_) => "internal",
         }
     }
@@ -72,7 +78,7 @@ impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         let mut res = (self.status(), Json(json!({"error": self.to_string(), "error_type": self.error_type()})))
             .into_response();
-        if matches!(self, ApiError::Overloaded) {
+        if matches!(self, ApiError::Overloaded | ApiError::StoreUnavailable(_) | ApiError::Behind(_)) {
             res.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
         }
         if matches!(self, ApiError::Unauthorized) {
@@ -105,6 +111,8 @@ impl From<crate::infer::InferError> for ApiError {
             E::Overloaded => ApiError::Overloaded,
             E::Timeout => ApiError::Timeout,
             E::Failed(m) => ApiError::Internal(m),
+            E::StoreUnavailable(m) => ApiError::StoreUnavailable(m),
+            E::Behind(m) => ApiError::Behind(m),
         }
     }
 }

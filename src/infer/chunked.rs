@@ -63,6 +63,11 @@ impl Chunked {
         self.job.as_ref().is_some_and(|j| j.alive(now))
     }
 
+    /// The waiting job, to be answered elsewhere (an upsert, once the store applied it).
+    pub(super) fn take_job(&mut self) -> Option<Job> {
+        self.job.take()
+    }
+
     pub(super) fn answer(mut self, out: Result<Output, JobError>) {
         if let Some(j) = self.job.take() {
             let _ = j.reply.send(out);

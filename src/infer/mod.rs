@@ -15,7 +15,6 @@ mod queue;
 pub mod ranker;
 mod startup;
 pub mod status;
-mod store;
 mod worker;
 
 use crate::config::Config;
@@ -45,6 +44,12 @@ pub enum InferError {
     Timeout,
     #[error("inference failed: {0}")]
     Failed(String),
+    /// Writes cannot be made durable now (the shared store's database is unreachable).
+    #[error("{0}")]
+    StoreUnavailable(String),
+    /// `min_seq` was not reached within the request's time budget.
+    #[error("{0}")]
+    Behind(String),
 }
 
 /// A ranking request: the context's turns (oldest first) and what to rank against it.
@@ -61,6 +66,9 @@ pub struct RankQuery {
     pub filter: Option<serde_json::Value>,
     pub return_text: bool,
     pub return_meta: bool,
+    /// Rank only once this replica has applied the store's changes up to this `seq` (a
+    /// write's answer says its `seq`): read your writes on any replica.
+    pub min_seq: Option<u64>,
 }
 
 pub struct Hit {
@@ -92,13 +100,13 @@ pub struct Infer {
 
 /// Starts the inference thread (the model is loaded when this returns; the pool is encoded
 /// or read from the cache after) and returns the handle and the thread's owner.
-pub fn start(config: &Config) -> Result<(Infer, Inference)> {
+pub fn start(config: &Config, store: Box<dyn crate::pool::store::Durable>) -> Result<(Infer, Inference)> {
     let settings = crate::model::format::PolySettings::load(config.model_dir())?;
     config.validate_for(&settings)?;
     let tokenizer = Arc::new(Tokenizer::load(config.model_dir(), &settings)?);
     let status = Arc::new(Status::default());
     let (tx, rx) = std::sync::mpsc::sync_channel(config.queue_capacity);
-    let inference = worker::spawn(config, rx, status.clone())?;
+    let inference = worker::spawn(config, rx, status.clone(), store)?;
     let handle = Infer { queue: Queue(tx), status, tokenizer, config: Arc::new(config.clone()) };
     Ok((handle, inference))
 }
@@ -113,6 +121,9 @@ impl Infer {
         self.ensure_ready()?;
         let c = &self.config;
         check_turns(&q.context, c.max_text_chars)?;
+        if let Some(min_seq) = q.min_seq {
+            self.wait_applied(min_seq, started).await?;
+        }
         let top_k = q.top_k.unwrap_or(c.default_top_k);
         if !(1..=c.max_top_k).contains(&top_k) {
             return Err(InferError::Validation(format!("top_k must be between 1 and {}, got {top_k}", c.max_top_k)));
@@ -202,6 +213,22 @@ impl Infer {
         }))
     }
 
+    /// Waits until this replica has applied the store's changes up to `min_seq`, within the
+    /// request's time budget.
+    pub(super) async fn wait_applied(&self, min_seq: u64, started: Instant) -> Result<(), InferError> {
+        let deadline = started + Duration::from_millis(self.config.request_timeout_ms);
+        let mut rx = self.status.applied();
+        let reached = tokio::time::timeout_at(deadline.into(), rx.wait_for(|&s| s >= min_seq)).await.is_ok_and(|r| r.is_ok());
+        if reached {
+            return Ok(());
+        }
+        let at = *rx.borrow();
+        Err(InferError::Behind(format!(
+            "this replica has applied the store's changes up to seq {at}, not yet min_seq {min_seq}, within the request's time budget ({} ms); retry shortly",
+            self.config.request_timeout_ms
+        )))
+    }
+
     pub(super) fn lengths(&self) -> (usize, usize) {
         let info = self.status.info().expect("model info set before start returns");
         (info.max_context_tokens, info.max_candidate_tokens)
@@ -238,6 +265,7 @@ impl Infer {
                 Err(InferError::Overloaded)
             }
             Ok(Ok(Err(JobError::Invalid(e)))) => Err(InferError::Validation(e)),
+            Ok(Ok(Err(JobError::StoreUnavailable(e)))) => Err(InferError::StoreUnavailable(e)),
             Ok(Ok(Err(JobError::Failed(e)))) => Err(InferError::Failed(e)),
             Ok(Ok(Ok(out))) => Ok(out),
         }

@@ -46,8 +46,9 @@ pub(crate) enum Output {
     Hits(Vec<PoolHit>),
     /// Row-major vectors with their shape: `[B, d]` or `[B, m, d]`.
     Vectors { shape: Vec<usize>, data: Vec<f32> },
-    /// A write is on disk and applied: the ids a delete did not find, and the pool's size.
-    Written { missing: Vec<String>, pool_size: usize },
+    /// A write is durable and applied: the ids a delete did not find, the pool's size, and
+    /// the store's sequence number of the write.
+    Written { missing: Vec<String>, pool_size: usize, seq: u64 },
     Found(Option<Candidate>),
 }
 
@@ -67,6 +68,8 @@ pub(crate) enum JobError {
     Overloaded,
     /// The request does not fit the pool as it is (unknown ids).
     Invalid(String),
+    /// The store cannot take writes now (a shared store's database is unreachable).
+    StoreUnavailable(String),
     Failed(String),
 }
 

@@ -3,6 +3,7 @@
 
 use crate::model::format::Mode;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use crate::pool::store::StoreHealth;
 use std::sync::{Mutex, OnceLock};
 
 /// Model facts reported by /info, fixed once the model is loaded.
@@ -32,6 +33,13 @@ pub struct Status {
     pool_size: AtomicUsize,
     /// Set at shutdown: the inference thread stops at its next chunk boundary.
     stopping: AtomicBool,
+    /// What the start waits for now (another replica seeding, the database), if anything.
+    phase: Mutex<Option<String>>,
+    /// The store's `seq` the pool is at; `min_seq` requests wait on it.
+    applied: tokio::sync::watch::Sender<u64>,
+    /// Order-independent digest of the pool's ids, texts and meta (`LivePool::digest`).
+    pool_digest: Mutex<String>,
+    store: Mutex<Option<StoreHealth>>,
 }
 
 impl Status {
@@ -57,6 +65,39 @@ impl Status {
         self.pool_size.load(Ordering::Acquire)
     }
 
+    pub fn phase(&self) -> Option<String> {
+        self.phase.lock().unwrap().clone()
+    }
+    /// The store's `seq` the pool is at.
+    pub fn applied_seq(&self) -> u64 {
+        *self.applied.borrow()
+    }
+    pub(super) fn applied(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.applied.subscribe()
+    }
+    pub fn pool_digest(&self) -> String {
+        self.pool_digest.lock().unwrap().clone()
+    }
+    pub fn store_health(&self) -> Option<StoreHealth> {
+        self.store.lock().unwrap().clone()
+    }
+
+    pub(super) fn set_phase(&self, what: &str) {
+        *self.phase.lock().unwrap() = Some(what.to_string());
+    }
+    pub(super) fn set_applied(&self, seq: u64) {
+        self.applied.send_replace(seq);
+    }
+    pub(super) fn set_pool_digest(&self, d: String) {
+        *self.pool_digest.lock().unwrap() = d;
+    }
+    /// Also the store's gauges: refreshed on every turn of the inference loop.
+    pub(super) fn set_store_health(&self, h: StoreHealth) {
+        metrics::gauge!(crate::metrics::STORE_CONNECTED).set(if h.connected { 1.0 } else { 0.0 });
+        metrics::gauge!(crate::metrics::STORE_LAG_SECONDS).set(h.lag_seconds);
+        *self.store.lock().unwrap() = Some(h);
+    }
+
     pub(super) fn stopping(&self) -> bool {
         self.stopping.load(Ordering::Acquire)
     }
@@ -80,6 +121,7 @@ impl Status {
         self.cache_reused.store(true, Ordering::Release)
     }
     pub(super) fn set_ready(&self) {
+        *self.phase.lock().unwrap() = None;
         self.ready.store(true, Ordering::Release)
     }
     pub(super) fn set_failure(&self, f: String) {

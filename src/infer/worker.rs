@@ -9,14 +9,13 @@ use super::chunked::{Chunked, Finished, Then};
 use super::queue::{collect, BatchLimits, Job, JobError, Output, Reply, Work};
 use super::ranker::Ranker;
 use super::status::{ModelInfo, Status};
-use super::store::Store;
 use crate::config::{num_cpus, Config};
 use crate::metrics as m;
 use crate::pool::live::LivePool;
-use crate::pool::store::Op;
+use crate::pool::store::{Change, Durable, Event, Op, StoreError};
 use crate::text::TextKind;
 use anyhow::{Context, Result};
-use std::collections::VecDeque;
+use std::collections::{HashMap, VecDeque};
 use std::sync::mpsc::{Receiver, RecvTimeoutError, TryRecvError};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -26,6 +25,8 @@ use tch::{Kind, Tensor};
 pub(super) enum Step {
     Done(Reply),
     Chunked(Chunked),
+    /// A write sent to the store: answered once it is durable and applied.
+    Submitted(u64),
 }
 
 /// The running inference thread. Dropping it stops the thread between two chunks of work and
@@ -57,7 +58,7 @@ impl Drop for Inference {
 /// Every libtorch call happens on that one thread. Measured on 2 cores: once a second thread
 /// has used libtorch (each thread gets its own OpenMP team), the inference thread's GEMM at
 /// N = 100k took 44 ms instead of 36 ms and a context encoding 9 ms instead of 5 ms.
-pub(super) fn spawn(config: &Config, rx: Receiver<Job>, status: Arc<Status>) -> Result<Inference> {
+pub(super) fn spawn(config: &Config, rx: Receiver<Job>, status: Arc<Status>, store: Box<dyn Durable>) -> Result<Inference> {
     let device = config.device()?;
     // Seed files are read on the inference thread; a missing one fails the start here.
     for f in &config.candidates {
@@ -95,7 +96,18 @@ pub(super) fn spawn(config: &Config, rx: Receiver<Job>, status: Arc<Status>) -> 
             max_wait: Duration::from_millis(config.max_wait_ms),
         };
         let pool = LivePool::new(Vec::new(), Tensor::zeros([0, ranker.model.dim()], (Kind::Float, device)));
-        let worker = Worker { ranker, config, limits, status: thread_status, pool, store: None, chunk_rate: Default::default() };
+        let worker = Worker {
+            ranker,
+            config,
+            limits,
+            status: thread_status,
+            pool,
+            store: Some(store),
+            waiting: HashMap::new(),
+            next_ticket: 0,
+            applied: 0,
+            chunk_rate: Default::default(),
+        };
         worker.run(rx)
     })?;
     loaded_rx.recv().context("the inference thread ended during the model load")??;
@@ -109,8 +121,13 @@ pub(super) struct Worker {
     pub(super) status: Arc<Status>,
     /// The candidates and their vectors (on the model's device).
     pub(super) pool: LivePool,
-    /// Set once the pool is open.
-    store: Option<Store>,
+    /// Where writes are kept (taken out only while it opens the pool).
+    store: Option<Box<dyn Durable>>,
+    /// Writes sent to the store, by ticket: their clients wait for them to be applied.
+    waiting: HashMap<u64, tokio::sync::oneshot::Sender<Reply>>,
+    next_ticket: u64,
+    /// The store's `seq` the pool is at.
+    applied: u64,
     /// Measured tokens per second of chunked encoding (0 until the first chunk).
     chunk_rate: std::cell::Cell<f64>,
 }
@@ -118,13 +135,15 @@ pub(super) struct Worker {
 impl Worker {
     fn run(mut self, rx: Receiver<Job>) {
         let _guard = tch::no_grad_guard();
-        let files = self.config.candidates.clone();
-        match self.open_pool(&files) {
-            Ok((pool, store, cache)) => {
+        let mut store = self.store.take().expect("the store, given at spawn");
+        let opened = self.open_pool(store.as_mut());
+        self.store = Some(store);
+        match opened {
+            Ok((pool, seq, cache)) => {
                 self.pool = pool;
-                self.store = Some(store);
-                metrics::gauge!(m::POOL_SIZE).set(self.pool.len() as f64);
-                self.status.set_pool_size(self.pool.len());
+                self.applied = seq;
+                self.status.set_applied(seq);
+                self.publish_pool();
                 self.status.set_ready();
                 tracing::info!(candidates = self.pool.len(), "ready");
                 if let Some(cache) = cache {
@@ -148,6 +167,9 @@ impl Worker {
         if let Some(j) = carry {
             let _ = j.reply.send(Err(JobError::Failed("the server is shutting down".into())));
         }
+        for (_, reply) in self.waiting.drain() {
+            let _ = reply.send(Err(JobError::Failed("the server is shutting down before the write was applied".into())));
+        }
         if let Some(store) = self.store.as_mut() {
             store.finish();
         }
@@ -157,8 +179,9 @@ impl Worker {
         while !self.status.stopping() {
             let first = match carry.take() {
                 Some(j) => Some(j),
-                // Idle: block, but wake now and then to notice a shutdown.
-                None if pending.is_empty() => match rx.recv_timeout(Duration::from_millis(200)) {
+                // Idle: block, but wake often enough to apply the store's changes promptly
+                // (a shared store's writes from other replicas) and to notice a shutdown.
+                None if pending.is_empty() => match rx.recv_timeout(IDLE_WAKE) {
                     Ok(j) => Some(j),
                     Err(RecvTimeoutError::Timeout) => None,
                     Err(RecvTimeoutError::Disconnected) => return, // the server has shut down
@@ -175,6 +198,7 @@ impl Worker {
                 self.process(batch, pending);
             }
             self.advance_one(pending);
+            self.sync_store();
         }
     }
 
@@ -210,6 +234,9 @@ impl Worker {
                     let _ = j.reply.send(Err(JobError::Overloaded));
                 }
                 Step::Chunked(state) => pending.push_back(state.with_job(j)),
+                Step::Submitted(ticket) => {
+                    self.waiting.insert(ticket, j.reply);
+                }
             }
         }
     }
@@ -247,8 +274,10 @@ impl Worker {
                 Ok(None) => pending.push_front(c),
                 Ok(Some(Finished::Output(out))) => c.answer(Ok(out)),
                 Ok(Some(Finished::Upsert(cands, vectors))) => {
-                    let v: Vec<f32> = Vec::try_from(vectors.to_device(tch::Device::Cpu).to_kind(Kind::Float).contiguous().view([-1])).unwrap_or_default();
-                    c.answer(self.apply(Op::Upsert(cands, v)));
+                    let ticket = self.submit(Op::Upsert(cands, flat(&vectors)));
+                    if let Some(job) = c.take_job() {
+                        self.waiting.insert(ticket, job.reply);
+                    }
                 }
                 Err(p) => c.answer(Err(JobError::Failed(panic_message(p)))),
             }
@@ -263,18 +292,116 @@ impl Worker {
     fn write(&mut self, work: &Work) -> Step {
         match work {
             Work::Upsert { candidates, texts } => Step::Chunked(Chunked::new(TextKind::Candidate, texts.clone(), Then::Upsert(candidates.clone()))),
-            Work::Delete { ids } => Step::Done(self.apply(Op::Delete(ids.clone()))),
+            Work::Delete { ids } => Step::Submitted(self.submit(Op::Delete(ids.clone()))),
             Work::Get { id } => Step::Done(Ok(Output::Found(self.pool.row(id).map(|r| self.pool.candidate(r).clone())))),
             Work::Rank { .. } | Work::Encode { .. } => Step::Done(Err(JobError::Failed("a read reached the write path".into()))),
         }
     }
 
-    /// Logs the write durably, applies it, answers with what it did.
-    fn apply(&mut self, op: Op) -> Reply {
-        let store = self.store.as_mut().ok_or_else(|| JobError::Failed("the store is not open".into()))?;
-        let missing = store.write(&mut self.pool, op).map_err(|e| JobError::Failed(format!("the write was not stored: {e:#}")))?;
+    /// Sends a write to the store; the returned ticket comes back with its outcome.
+    fn submit(&mut self, op: Op) -> u64 {
+        self.next_ticket += 1;
+        self.store.as_mut().expect("the store").submit(op, self.next_ticket);
+        self.next_ticket
+    }
+
+    /// Applies what the store has, in its order — own writes (answering their clients) and,
+    /// with a shared store, other replicas' — between batches: a ranking sees a change
+    /// wholly or not at all.
+    fn sync_store(&mut self) {
+        let store = self.store.as_mut().expect("the store");
+        let events = store.poll();
+        self.status.set_store_health(store.health());
+        if events.is_empty() {
+            return;
+        }
+        for event in events {
+            match event {
+                Event::Failed { ticket, error } => self.answer(ticket, Err(store_error(error))),
+                Event::Apply(Change { seq, op, ticket }) => {
+                    // Applying a change twice is harmless, but the pool never goes back.
+                    if seq <= self.applied {
+                        if let Some(t) = ticket {
+                            self.answer(t, Ok(Output::Written { missing: Vec::new(), pool_size: self.pool.len(), seq }));
+                        }
+                        continue;
+                    }
+                    let out = match self.with_vectors(seq, op) {
+                        Ok(op) => {
+                            let (kind, n) = match &op {
+                                Op::Upsert(c, _) => ("upsert", c.len()),
+                                Op::Delete(ids) => ("delete", ids.len()),
+                            };
+                            let missing = op.apply(&mut self.pool);
+                            metrics::counter!(m::WRITES, "op" => kind).increment((n - missing.len()) as u64);
+                            Ok(Output::Written { missing, pool_size: self.pool.len(), seq })
+                        }
+                        Err(e) => {
+                            tracing::error!(seq, "a change could not be applied: {e}");
+                            Err(JobError::Failed(e))
+                        }
+                    };
+                    self.applied = seq;
+                    if let Some(t) = ticket {
+                        self.answer(t, out);
+                    }
+                }
+            }
+        }
+        self.store.as_mut().expect("the store").applied(&self.pool);
+        self.publish_pool();
+        self.status.set_applied(self.applied);
+    }
+
+    /// An upsert that came without this model's vectors (written by a replica running other
+    /// weights) gets them here, and the store keeps them for peers running this model.
+    fn with_vectors(&mut self, seq: u64, op: Op) -> Result<Op, String> {
+        match op {
+            Op::Upsert(cands, v) if v.is_empty() && !cands.is_empty() => {
+                let texts: Vec<String> = cands.iter().map(|c| c.text.clone()).collect();
+                let ranker = &self.ranker;
+                let bs = self.config.encode_batch_size;
+                let encoded = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                    let enc = ranker.tokenize(&texts, TextKind::Candidate)?;
+                    Ok::<_, String>(flat(&ranker.candidate_vectors(&enc, bs)))
+                }))
+                .map_err(panic_message)??;
+                let ids = cands.iter().map(|c| c.id.clone()).collect();
+                self.store.as_mut().expect("the store").keep_vectors(seq, ids, encoded.clone());
+                Ok(Op::Upsert(cands, encoded))
+            }
+            op => Ok(op),
+        }
+    }
+
+    fn answer(&mut self, ticket: u64, out: Reply) {
+        if let Some(reply) = self.waiting.remove(&ticket) {
+            let _ = reply.send(out);
+        }
+    }
+
+    /// The pool's size and digest where /info and the metrics read them.
+    fn publish_pool(&self) {
+        metrics::gauge!(m::POOL_SIZE).set(self.pool.len() as f64);
         self.status.set_pool_size(self.pool.len());
-        Ok(Output::Written { missing, pool_size: self.pool.len() })
+        self.status.set_pool_digest(self.pool.digest());
+    }
+}
+
+/// How long the idle inference thread sleeps between looks at the store: a bound on how late
+/// another replica's write is applied here (it costs a wake-up, not a query: the store's
+/// own thread follows the database).
+const IDLE_WAKE: Duration = Duration::from_millis(20);
+
+/// Row-major fp32 values of a `[k, d]` tensor.
+fn flat(v: &Tensor) -> Vec<f32> {
+    Vec::try_from(v.to_device(tch::Device::Cpu).to_kind(Kind::Float).contiguous().view([-1])).unwrap_or_default()
+}
+
+fn store_error(e: StoreError) -> JobError {
+    match e {
+        StoreError::Unavailable(m) => JobError::StoreUnavailable(format!("the shared store is unavailable ({m})")),
+        StoreError::Failed(m) => JobError::Failed(format!("the write was not stored: {m}")),
     }
 }
 

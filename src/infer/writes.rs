@@ -12,10 +12,12 @@ pub struct Written {
     /// Ids a delete did not find.
     pub missing: Vec<String>,
     pub pool_size: usize,
+    /// The store's sequence number of the write: `min_seq` for reading it back anywhere.
+    pub seq: u64,
 }
 
 impl Infer {
-    /// Inserts or replaces candidates; returns once they are on disk and rankable.
+    /// Inserts or replaces candidates; returns once they are durable and rankable here.
     pub async fn upsert(&self, candidates: Vec<Candidate>) -> Result<Written, InferError> {
         let started = Instant::now();
         self.ensure_ready()?;
@@ -36,9 +38,12 @@ impl Infer {
         written(self.run(Work::Delete { ids }, started).await?)
     }
 
-    pub async fn get(&self, id: String) -> Result<Option<Candidate>, InferError> {
+    pub async fn get(&self, id: String, min_seq: Option<u64>) -> Result<Option<Candidate>, InferError> {
         let started = Instant::now();
         self.ensure_ready()?;
+        if let Some(min_seq) = min_seq {
+            self.wait_applied(min_seq, started).await?;
+        }
         match self.run(Work::Get { id }, started).await? {
             Output::Found(c) => Ok(c),
             _ => Err(InferError::Failed("a lookup was answered with something else".into())),
@@ -48,7 +53,7 @@ impl Infer {
 
 fn written(out: Output) -> Result<Written, InferError> {
     match out {
-        Output::Written { missing, pool_size } => Ok(Written { missing, pool_size }),
+        Output::Written { missing, pool_size, seq } => Ok(Written { missing, pool_size, seq }),
         _ => Err(InferError::Failed("a write was answered with something else".into())),
     }
 }

@@ -14,6 +14,40 @@ pub struct LivePool {
     /// `[capacity, d]`; rows `0..n` are live. Spare rows make appends amortised O(k·d).
     storage: Tensor,
     index: MetaIndex,
+    /// Sum of every candidate's `candidate_hash`, mod 2^128: the same pool gives the same
+    /// digest whatever the order of its rows or of the writes that built it.
+    digest: u128,
+}
+
+/// A candidate's share of the pool digest: the first 16 bytes of
+/// SHA-256(id ‖ 0 ‖ text ‖ 0 ‖ meta as compact JSON with keys sorted, or nothing), big-endian.
+pub fn candidate_hash(c: &Candidate) -> u128 {
+    use sha2::Digest;
+    let mut h = sha2::Sha256::new();
+    h.update(c.id.as_bytes());
+    h.update([0u8]);
+    h.update(c.text.as_bytes());
+    h.update([0u8]);
+    if let Some(m) = &c.meta {
+        h.update(canonical_json(m).as_bytes());
+    }
+    u128::from_be_bytes(h.finalize()[..16].try_into().expect("16 bytes"))
+}
+
+/// Compact JSON with every object's keys sorted (whatever serde_json's map keeps).
+fn canonical_json(v: &serde_json::Value) -> String {
+    use serde_json::Value;
+    match v {
+        Value::Object(m) => {
+            let mut keys: Vec<&String> = m.keys().collect();
+            keys.sort();
+            let fields: Vec<String> =
+                keys.into_iter().map(|k| format!("{}:{}", Value::String(k.clone()), canonical_json(&m[k]))).collect();
+            format!("{{{}}}", fields.join(","))
+        }
+        Value::Array(a) => format!("[{}]", a.iter().map(canonical_json).collect::<Vec<_>>().join(",")),
+        other => other.to_string(),
+    }
 }
 
 impl LivePool {
@@ -21,11 +55,13 @@ impl LivePool {
     pub fn new(candidates: Vec<Candidate>, vectors: Tensor) -> Self {
         let mut index = MetaIndex::default();
         let mut row_of = HashMap::with_capacity(candidates.len());
+        let mut digest = 0u128;
         for (r, c) in candidates.iter().enumerate() {
             row_of.insert(c.id.clone(), r);
             index.add(&c.id, c.meta.as_ref());
+            digest = digest.wrapping_add(candidate_hash(c));
         }
-        LivePool { candidates, row_of, storage: vectors, index }
+        LivePool { candidates, row_of, storage: vectors, index, digest }
     }
 
     pub fn len(&self) -> usize {
@@ -53,6 +89,11 @@ impl LivePool {
         &self.candidates
     }
 
+    /// The pool's digest as 32 hex digits (see `candidate_hash`).
+    pub fn digest(&self) -> String {
+        format!("{:032x}", self.digest)
+    }
+
     /// Inserts or replaces candidates (ids unique within the batch) with their `[k, d]`
     /// vectors.
     pub fn upsert(&mut self, batch: Vec<Candidate>, vectors: &Tensor) {
@@ -64,6 +105,7 @@ impl LivePool {
                     self.storage.get(r as i64).copy_(&vectors.get(i as i64));
                     self.index.remove(&c.id, self.candidates[r].meta.as_ref());
                     self.index.add(&c.id, c.meta.as_ref());
+                    self.digest = self.digest.wrapping_sub(candidate_hash(&self.candidates[r])).wrapping_add(candidate_hash(&c));
                     self.candidates[r] = c;
                 }
                 None => new_rows.push((i as i64, c)),
@@ -77,6 +119,7 @@ impl LivePool {
         let idx = Tensor::from_slice(&new_rows.iter().map(|(i, _)| *i).collect::<Vec<_>>()).to_device(vectors.device());
         self.storage.narrow(0, n, k).copy_(&vectors.index_select(0, &idx));
         for (_, c) in new_rows {
+            self.digest = self.digest.wrapping_add(candidate_hash(&c));
             self.row_of.insert(c.id.clone(), self.candidates.len());
             self.index.add(&c.id, c.meta.as_ref());
             self.candidates.push(c);
@@ -100,6 +143,7 @@ impl LivePool {
             }
             let gone = self.candidates.pop().expect("a row to remove");
             self.index.remove(&gone.id, gone.meta.as_ref());
+            self.digest = self.digest.wrapping_sub(candidate_hash(&gone));
         }
         missing
     }

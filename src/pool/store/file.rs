@@ -19,7 +19,7 @@
 //! snapshot's sequence number are skipped).
 
 use anyhow::{bail, ensure, Context, Result};
-use super::{Candidate, Durable, Op, Snapshot, SnapshotHeader};
+use super::{Candidate, Op, Snapshot, SnapshotHeader};
 use std::fs::{File, OpenOptions};
 use std::io::{Read, Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
@@ -132,7 +132,7 @@ impl Wal {
     }
 
     /// Appends one record and syncs it to disk.
-    fn append(&mut self, seq: u64, op: &Op) -> Result<()> {
+    pub fn append(&mut self, seq: u64, op: &Op) -> Result<()> {
         let rec = encode_record(seq, op)?;
         crash_mid_write_if_asked(&mut self.file, &rec)?;
         self.file.write_all(&rec).with_context(|| format!("appending to {}", self.path.display()))?;
@@ -221,8 +221,8 @@ fn read_snapshot(dir: &Path) -> Result<Option<Snapshot>> {
     Ok(Some(Snapshot { header, candidates, vectors }))
 }
 
-/// The store in `store_dir`: one process's own files (see the module docs).
-pub struct FileStore {
+/// The files in `store_dir`: one process's own (see the module docs).
+pub struct Files {
     dir: PathBuf,
     wal: Option<Wal>,
     compaction: Option<std::thread::JoinHandle<Result<()>>>,
@@ -231,14 +231,14 @@ pub struct FileStore {
     _lock: File,
 }
 
-impl FileStore {
-    pub fn open(dir: &Path) -> Result<FileStore> {
+impl Files {
+    pub fn open(dir: &Path) -> Result<Files> {
         std::fs::create_dir_all(dir).with_context(|| format!("creating the store directory {}", dir.display()))?;
         let lock = File::create(dir.join("lock"))?;
         lock.try_lock().map_err(|_| {
             anyhow::anyhow!("the store {} is in use by another polyrank process (each replica needs a store_dir of its own)", dir.display())
         })?;
-        Ok(FileStore { dir: dir.to_path_buf(), wal: None, compaction: None, _lock: lock })
+        Ok(Files { dir: dir.to_path_buf(), wal: None, compaction: None, _lock: lock })
     }
 
     fn wal(&mut self) -> Result<&mut Wal> {
@@ -249,23 +249,25 @@ impl FileStore {
     }
 }
 
-impl Durable for FileStore {
-    fn recover(&mut self) -> Result<(Option<Snapshot>, Vec<(u64, Op)>)> {
+impl Files {
+    /// What was stored: the last snapshot, and the writes since (sequence numbers at or below
+    /// the snapshot's `last_seq` may appear; they are already in it). Damage is an error.
+    pub fn recover(&mut self) -> Result<(Option<Snapshot>, Vec<(u64, Op)>)> {
         let snapshot = read_snapshot(&self.dir)?;
         let mut ops = read_log(&self.dir.join(OLD_WAL_FILE))?;
         ops.extend(read_log(&self.dir.join(WAL_FILE))?);
         Ok((snapshot, ops))
     }
 
-    fn append(&mut self, seq: u64, op: &Op) -> Result<()> {
+    pub fn append(&mut self, seq: u64, op: &Op) -> Result<()> {
         self.wal()?.append(seq, op)
     }
 
-    fn log_bytes(&self) -> u64 {
+    pub fn log_bytes(&self) -> u64 {
         self.wal.as_ref().map_or(0, |w| w.bytes)
     }
 
-    fn reset(&mut self, snap: &Snapshot) -> Result<()> {
+    pub fn reset(&mut self, snap: &Snapshot) -> Result<()> {
         self.finish();
         write_snapshot(&self.dir, snap)?;
         for f in [OLD_WAL_FILE, WAL_FILE] {
@@ -275,7 +277,7 @@ impl Durable for FileStore {
         Ok(())
     }
 
-    fn compact(&mut self, snap: Snapshot, done: Box<dyn FnOnce() + Send>) -> Result<()> {
+    pub fn compact(&mut self, snap: Snapshot, done: Box<dyn FnOnce() + Send>) -> Result<()> {
         if self.compaction.as_ref().is_some_and(|c| !c.is_finished()) {
             return Ok(());
         }
@@ -297,7 +299,7 @@ impl Durable for FileStore {
         Ok(())
     }
 
-    fn finish(&mut self) {
+    pub fn finish(&mut self) {
         if let Some(c) = self.compaction.take() {
             if let Ok(Err(e)) = c.join() {
                 tracing::warn!("store compaction failed: {e:#}");

@@ -1,10 +1,15 @@
 //! The live pool's durable store: what a write must survive. `Durable` is the one interface
-//! the inference thread uses; `FileStore` keeps it in local files (each replica its own).
-//! A store shared by replicas (an existing database or log) would implement the same trait.
+//! the inference thread uses; `FileStore` keeps it in local files (each replica its own),
+//! `PgStore` in PostgreSQL, shared by every replica (`store_url`).
 
 mod file;
+mod local;
+pub mod postgres;
 
-pub use file::{write_snapshot, FileStore};
+pub use file::{write_snapshot, Files};
+pub use local::FileStore;
+pub use postgres::PgStore;
+use super::live::LivePool;
 use anyhow::Result;
 use serde::{Deserialize, Serialize};
 use std::path::{Path, PathBuf};
@@ -56,21 +61,101 @@ pub struct Snapshot {
     pub vectors: Vec<f32>,
 }
 
-/// Where the pool's writes are kept, in order, with a snapshot now and then.
+/// One change to apply to the pool, in the store's order (`seq` only grows).
+#[derive(Debug)]
+pub struct Change {
+    pub seq: u64,
+    /// An upsert's vectors are empty when the store holds none for this model (a replica
+    /// running other weights wrote it): the pool's owner encodes them.
+    pub op: Op,
+    /// This replica's own write: the ticket it was submitted with (its client waits).
+    pub ticket: Option<u64>,
+}
+
+/// What the store has for the pool's owner.
+#[derive(Debug)]
+pub enum Event {
+    Apply(Change),
+    /// A write that was not made durable: nothing was applied anywhere.
+    Failed { ticket: u64, error: StoreError },
+}
+
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum StoreError {
+    /// The store cannot be reached now (a shared store's database is down): retry later.
+    #[error("the store is unavailable: {0}")]
+    Unavailable(String),
+    #[error("the write was not stored: {0}")]
+    Failed(String),
+}
+
+/// What /info and the metrics say about the store.
+#[derive(Debug, Clone, Serialize)]
+pub struct StoreHealth {
+    /// `local` (files in store_dir) or `postgres` (shared by replicas).
+    pub kind: &'static str,
+    pub connected: bool,
+    /// How far behind the store this replica may be: 0 while it is caught up, else the
+    /// seconds since it last was.
+    pub lag_seconds: f64,
+}
+
+/// What opening the store needs from the model's owner: vectors for texts.
+pub trait Encoder {
+    /// Vectors `[n, d]` (fp32, CPU) of the seed files' candidates: from the pool cache when it
+    /// matches, else encoded (and cached).
+    fn seed(&mut self, pool: &super::Pool) -> Result<tch::Tensor>;
+    /// Vectors `[n, d]` (fp32, CPU) of candidate texts.
+    fn encode(&mut self, texts: &[String]) -> Result<tch::Tensor>;
+    /// What the start is waiting for, for /health/ready (e.g. another replica seeding).
+    fn phase(&mut self, what: &str);
+    /// The vectors' width: a stored pool of another width is not this model's.
+    fn dim(&self) -> i64;
+    /// The server is shutting down: stop waiting.
+    fn stopping(&self) -> bool;
+}
+
+/// Where the pool's writes are kept. Chosen once, where the server is assembled
+/// (`serve.rs`): `FileStore` (this replica's files) or `PgStore` (shared by replicas).
+///
+/// Every change reaches the pool through `poll`, in `seq` order, own writes and (for a
+/// shared store) other replicas' alike; applying a change twice is harmless.
 pub trait Durable: Send {
-    /// What was stored: the last snapshot, and the writes since (sequence numbers at or below
-    /// the snapshot's `last_seq` may appear; they are already in it). Damage is an error.
-    fn recover(&mut self) -> Result<(Option<Snapshot>, Vec<(u64, Op)>)>;
-    /// Makes one write durable before returning.
-    fn append(&mut self, seq: u64, op: &Op) -> Result<()>;
-    /// Bytes written since the last snapshot (compaction's trigger).
-    fn log_bytes(&self) -> u64;
-    /// Folds the log into `snap` (may finish in the background, then calls `done`).
-    fn compact(&mut self, snap: Snapshot, done: Box<dyn FnOnce() + Send>) -> Result<()>;
-    /// Replaces everything with `snap`, now.
-    fn reset(&mut self, snap: &Snapshot) -> Result<()>;
+    /// The pool as stored (seeded from `files` on a first start; the vectors this model
+    /// lacks encoded), and the `seq` it is at. `vectors_key` names this model's vectors.
+    fn open(&mut self, files: &[PathBuf], vectors_key: &str, enc: &mut dyn Encoder) -> Result<(LivePool, u64)>;
+    /// Sends a write on its way; its outcome comes back from `poll` with `ticket`.
+    fn submit(&mut self, op: Op, ticket: u64);
+    /// Changes to apply, in order, and failed writes.
+    fn poll(&mut self) -> Vec<Event>;
+    /// Vectors this replica encoded for a change that came without them (kept for peers
+    /// running the same model; a local store has no use for them).
+    fn keep_vectors(&mut self, _seq: u64, _ids: Vec<String>, _vectors: Vec<f32>) {}
+    /// Called after changes were applied (a local store compacts its log here).
+    fn applied(&mut self, _pool: &LivePool) {}
+    fn health(&self) -> StoreHealth;
     /// Waits for background work (shutdown).
     fn finish(&mut self);
+}
+
+impl Op {
+    /// Applies the change to `pool`; returns the ids a delete did not find. The one way a
+    /// change reaches the pool: replay at startup and live writes alike.
+    pub fn apply(self, pool: &mut LivePool) -> Vec<String> {
+        match self {
+            Op::Upsert(cands, v) => {
+                let k = cands.len() as i64;
+                pool.upsert(cands, &tch::Tensor::from_slice(&v).view([k, -1]));
+                Vec::new()
+            }
+            Op::Delete(ids) => pool.delete(&ids),
+        }
+    }
+}
+
+/// The seed files' candidates as stored records.
+pub fn from_files(p: super::Pool) -> Vec<Candidate> {
+    p.ids.into_iter().zip(p.texts).zip(p.meta).map(|((id, text), meta)| Candidate { id, text, meta }).collect()
 }
 
 /// Content hash of the pool files, in order: what a store was last seeded from.
