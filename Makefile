@@ -24,9 +24,12 @@ model: venv
 run: build model
 	./target/release/polyrank serve
 
-# wrk drives the load test; Debian's package, installed when missing (root, as in CI).
+# wrk drives the load test; PostgreSQL's server binaries the shared-store tests (each starts a
+# throwaway cluster of its own in a temp dir). Debian's packages, installed when missing (root,
+# as in CI).
 tools:
 	@command -v wrk >/dev/null || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq wrk; }
+	@ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq postgresql; }
 
 test: venv model tools
 	cargo test --release -- --test-threads=$(CARGO_TEST_THREADS)

@@ -144,6 +144,9 @@ impl Worker {
                 self.applied = seq;
                 self.status.set_applied(seq);
                 self.publish_pool();
+                if let Some(store) = self.store.as_ref() {
+                    self.status.set_store_health(store.health());
+                }
                 self.status.set_ready();
                 tracing::info!(candidates = self.pool.len(), "ready");
                 if let Some(cache) = cache {

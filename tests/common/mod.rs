@@ -2,6 +2,7 @@
 //! Shared helpers for the integration tests.
 
 pub mod contract;
+pub mod pg;
 pub mod server;
 
 use std::collections::HashMap;

@@ -107,6 +107,17 @@ impl PgStore {
     }
 }
 
+/// A database error with the server's own message (tokio-postgres shows "db error" alone).
+pub(super) fn describe_error(e: &tokio_postgres::Error) -> String {
+    match e.as_db_error() {
+        Some(d) => format!("{}: {}", d.severity(), d.message()),
+        None => match std::error::Error::source(e) {
+            Some(s) => format!("{e}: {s}"),
+            None => e.to_string(),
+        },
+    }
+}
+
 /// Whether a database error means "cannot reach it now" (retry later) rather than "this
 /// statement is wrong": I/O errors carry no SQLSTATE; class 08 is a connection exception,
 /// 57 an operator intervention (shutdown, recovery).
@@ -139,8 +150,8 @@ impl Durable for PgStore {
                 attempt += 1;
                 match tokio::time::timeout(STATEMENT_TIMEOUT, connect_driven(&config)).await {
                     Ok(Ok(c)) => break c,
-                    Ok(Err(e)) if !unreachable(&e) => anyhow::bail!("the store at {target} refused the connection: {e}"),
-                    Ok(Err(e)) => enc.phase(&format!("connecting to the store at {target} (attempt {attempt}): {e}")),
+                    Ok(Err(e)) if !unreachable(&e) => anyhow::bail!("the store at {target} refused the connection: {}", describe_error(&e)),
+                    Ok(Err(e)) => enc.phase(&format!("connecting to the store at {target} (attempt {attempt}): {}", describe_error(&e))),
                     Err(_) => enc.phase(&format!("connecting to the store at {target} (attempt {attempt}): timed out")),
                 }
                 anyhow::ensure!(!enc.stopping(), "stopped while connecting to the store");
@@ -214,7 +225,7 @@ async fn writer(
             client = match tokio::time::timeout(STATEMENT_TIMEOUT, connect_driven(&config)).await {
                 Ok(Ok(c)) => Some(c),
                 Ok(Err(e)) => {
-                    refuse(cmd, &events, format!("cannot connect to the database: {e}"));
+                    refuse(cmd, &events, format!("cannot connect to the database: {}", describe_error(&e)));
                     continue;
                 }
                 Err(_) => {
@@ -231,10 +242,10 @@ async fn writer(
                 }
                 Ok(Err(e)) if unreachable(&e) => {
                     client = None;
-                    let _ = events.send(Event::Failed { ticket, error: StoreError::Unavailable(format!("the database connection failed: {e}")) });
+                    let _ = events.send(Event::Failed { ticket, error: StoreError::Unavailable(format!("the database connection failed: {}", describe_error(&e))) });
                 }
                 Ok(Err(e)) => {
-                    let _ = events.send(Event::Failed { ticket, error: StoreError::Failed(e.to_string()) });
+                    let _ = events.send(Event::Failed { ticket, error: StoreError::Failed(describe_error(&e)) });
                 }
                 Err(_) => {
                     // Whether it committed is unknown: not acknowledged. If it did, every
@@ -247,7 +258,7 @@ async fn writer(
                 let seqs = vec![seq; ids.len()];
                 match tokio::time::timeout(STATEMENT_TIMEOUT, sql::keep_vectors(c, &key, Some(seq), &ids, &seqs, &vectors)).await {
                     Ok(Ok(())) => {}
-                    Ok(Err(e)) => tracing::warn!(seq, "vectors for another model's write not kept: {e}"),
+                    Ok(Err(e)) => tracing::warn!(seq, "vectors for another model's write not kept: {}", describe_error(&e)),
                     Err(_) => tracing::warn!(seq, "vectors for another model's write not kept: timed out"),
                 }
             }
@@ -322,7 +333,7 @@ async fn follower(
                     health.caught_up_now();
                 }
                 Ok(Err(e)) => {
-                    tracing::warn!("lost the store's change feed, reconnecting: {e}");
+                    tracing::warn!("lost the store's change feed, reconnecting: {}", describe_error(&e));
                     break;
                 }
                 Err(_) => {
