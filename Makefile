@@ -9,7 +9,7 @@ export POLYRANK_PYTHON := $(VENV)/bin/python
 # keep test parallelism modest.
 CARGO_TEST_THREADS ?= 2
 
-.PHONY: run test venv build model tools data heads finetuned default-model eval-table bench fuzz container-check
+.PHONY: run test venv build model tools data heads finetuned default-model eval-table bench bench-replicas fuzz container-check
 
 venv:
 	bash scripts/setup-venv.sh
@@ -89,6 +89,11 @@ eval-table: build model data
 # The README's performance section (bench/results.md, bench/latency.png).
 bench: venv model
 	cargo bench --bench serve
+
+# The shared store's figures (README, "Several replicas"): replication lag, write throughput,
+# /rank shared vs local, a replica's ready time from PostgreSQL (bench/replicas.md).
+bench-replicas: venv model tools
+	cargo bench --bench replicas
 
 # Fuzz request parsing and tokenization for FUZZ_SECONDS (cargo-fuzz, libFuzzer).
 FUZZ_SECONDS ?= 60

@@ -169,6 +169,33 @@ kept=$(curl -s -o /dev/null -w '%{http_code}' "$u/candidates/tiny-pasta" -H 'aut
 [ "$write" = 200 ] && [ "$kept" = 200 ] && r=0 || r=1
 check "a /candidates write outlives a restart" $r "POST $write; after restart (ready ${ready} s) GET $kept"
 
+# Two replicas of the image sharing a live pool through a PostgreSQL on the host (a throwaway
+# cluster of Debian's server, as the tests start; host networking so 127.0.0.1 is the host).
+pgbin=$(ls -d /usr/lib/postgresql/*/bin 2>/dev/null | sort | tail -n 1)
+if [ -n "$pgbin" ]; then
+  pgdir=$(mktemp -d) && chown postgres "$pgdir"
+  pgport=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
+  pgrun() { if [ "$(id -u)" = 0 ]; then runuser -u postgres -- "$@"; else "$@"; fi; }
+  pgrun "$pgbin/initdb" -D "$pgdir/data" -A trust -U polyrank --no-sync >/dev/null
+  pgrun "$pgbin/pg_ctl" -D "$pgdir/data" -o "-p $pgport -k $pgdir -c listen_addresses=127.0.0.1" -l "$pgdir/log" -w start >/dev/null
+  pgrun "$pgbin/createdb" -h 127.0.0.1 -p "$pgport" -U polyrank polyrank
+  store="postgres://polyrank@127.0.0.1:$pgport/polyrank"
+  for i in 1 2; do
+    run "shared$i" --network host -e POLYRANK_PORT=919$i -e POLYRANK_HOST=127.0.0.1 -e POLYRANK_STORE_URL="$store" \
+      -e POLYRANK_MODEL_DIR=/models/mine -e POLYRANK_CANDIDATES=/data/tiny.jsonl \
+      -v "$tmp/model:/models/mine:ro" -v "$tmp/tiny.jsonl:/data/tiny.jsonl:ro" "$image"
+  done
+  r1=$(wait_ready shared1 http://127.0.0.1:9191 "$(now_ms)"); r2=$(wait_ready shared2 http://127.0.0.1:9192 "$(now_ms)")
+  seq=$(curl -s -X POST http://127.0.0.1:9191/candidates -H 'content-type: application/json' \
+    -d '{"candidates": [{"id": "tiny-soup", "text": "Soup is my favourite food."}]}' | python3 -c 'import json,sys; print(json.load(sys.stdin)["seq"])' 2>/dev/null || echo "?")
+  seen=$(curl -s -o /dev/null -w '%{http_code}' "http://127.0.0.1:9192/candidates/tiny-soup?min_seq=$seq")
+  [ "$r1" != timeout ] && [ "$r2" != timeout ] && [ "$seen" = 200 ] && r=0 || r=1
+  check "two replicas share a live pool through PostgreSQL on the host" $r "ready ${r1} s / ${r2} s; write seq $seq on one, read on the other: $seen"
+  pgrun "$pgbin/pg_ctl" -D "$pgdir/data" -m immediate -w stop >/dev/null; rm -rf "$pgdir"
+else
+  log "no PostgreSQL server binaries on the host (make tools installs them): shared-store check not run"
+fi
+
 if [ "$failed" != 0 ]; then
   for c in "${containers[@]}"; do
     "${podman[@]}" container exists "$c" && { echo "--- $c log:"; "${podman[@]}" logs "$c" 2>&1 | tail -n 15; }

@@ -18,7 +18,10 @@ use std::path::{Path, PathBuf};
 use tch::{Kind, Tensor};
 
 pub struct FileStore {
-    files: Files,
+    dir: PathBuf,
+    /// Opened (and the directory locked) by `open`, on the inference thread: a store in use
+    /// by another process fails the start there, reported by readiness like any damage.
+    files: Option<Files>,
     /// The last sequence number written.
     seq: u64,
     vectors_key: String,
@@ -29,16 +32,26 @@ pub struct FileStore {
 }
 
 impl FileStore {
-    /// Takes the directory's lock: one process per `store_dir`.
+    /// The store in `dir`; `open` takes the directory's lock (one process per `store_dir`).
     pub fn open_dir(dir: &Path, compact_bytes: u64) -> Result<FileStore> {
         Ok(FileStore {
-            files: Files::open(dir)?,
+            dir: dir.to_path_buf(),
+            files: None,
             seq: 0,
             vectors_key: String::new(),
             seed_hash: String::new(),
             compact_bytes,
             ready: VecDeque::new(),
         })
+    }
+
+    /// Only called once `open` has succeeded (the worker never writes before).
+    fn files_mut(&mut self) -> &mut Files {
+        self.files.as_mut().expect("the store is open")
+    }
+
+    fn log_bytes(&self) -> u64 {
+        self.files.as_ref().map_or(0, |f| f.log_bytes())
     }
 
     fn snapshot_of(&self, pool: &LivePool) -> Snapshot {
@@ -61,7 +74,7 @@ impl Durable for FileStore {
     fn open(&mut self, files: &[PathBuf], key: &str, enc: &mut dyn Encoder) -> Result<(LivePool, u64)> {
         self.vectors_key = key.to_string();
         self.seed_hash = seed_hash(files)?;
-        let (snapshot, logs) = self.files.recover()?;
+        let (snapshot, logs) = self.files.insert(Files::open(&self.dir)?).recover()?;
         let (mut pool, last_seq, mut changed) = match &snapshot {
             None => {
                 let seed = Pool::load(files)?;
@@ -110,21 +123,23 @@ impl Durable for FileStore {
         // rewrite the whole snapshot. A re-encoded or re-seeded pool is written at once.
         if changed {
             let pool = pool.to(tch::Device::Cpu, Kind::Float);
-            self.files.reset(&self.snapshot_of(&pool))?;
+            let snap = self.snapshot_of(&pool);
+            self.files_mut().reset(&snap)?;
             compacted();
             tracing::info!(candidates = pool.len(), log_writes = replayed, "store open");
             return Ok((pool, seq));
         }
-        metrics::gauge!(m::STORE_LOG_BYTES).set(self.files.log_bytes() as f64);
+        metrics::gauge!(m::STORE_LOG_BYTES).set(self.log_bytes() as f64);
         tracing::info!(candidates = pool.len(), log_writes = replayed, "store open");
         Ok((pool, seq))
     }
 
     fn submit(&mut self, op: Op, ticket: u64) {
-        match self.files.append(self.seq + 1, &op) {
+        let next = self.seq + 1;
+        match self.files_mut().append(next, &op) {
             Ok(()) => {
                 self.seq += 1;
-                metrics::gauge!(m::STORE_LOG_BYTES).set(self.files.log_bytes() as f64);
+                metrics::gauge!(m::STORE_LOG_BYTES).set(self.log_bytes() as f64);
                 self.ready.push_back(Event::Apply(Change { seq: self.seq, op, ticket: Some(ticket) }));
             }
             Err(e) => self.ready.push_back(Event::Failed { ticket, error: StoreError::Failed(format!("{e:#}")) }),
@@ -136,15 +151,15 @@ impl Durable for FileStore {
     }
 
     fn applied(&mut self, pool: &LivePool) {
-        if self.files.log_bytes() < self.compact_bytes {
+        if self.log_bytes() < self.compact_bytes {
             return;
         }
         // The copy of the pool is taken here, between batches, so it is consistent.
         let snap = self.snapshot_of(pool);
-        if let Err(e) = self.files.compact(snap, Box::new(compacted)) {
+        if let Err(e) = self.files_mut().compact(snap, Box::new(compacted)) {
             tracing::warn!("store compaction not started: {e:#}");
         }
-        metrics::gauge!(m::STORE_LOG_BYTES).set(self.files.log_bytes() as f64);
+        metrics::gauge!(m::STORE_LOG_BYTES).set(self.log_bytes() as f64);
     }
 
     fn health(&self) -> StoreHealth {
@@ -152,7 +167,9 @@ impl Durable for FileStore {
     }
 
     fn finish(&mut self) {
-        self.files.finish();
+        if let Some(f) = self.files.as_mut() {
+            f.finish();
+        }
     }
 }
 
