@@ -185,6 +185,8 @@ fn changed(v: &Value) -> Value {
         Value::Integer(i) => Value::Integer(i + 1),
         Value::Float(f) => Value::Float(f + 1.0),
         Value::Boolean(b) => Value::Boolean(!b),
+        // An empty default (store_url) becomes a value that cannot pass for a flag.
+        Value::String(s) if s.is_empty() => Value::String("drift".into()),
         Value::String(s) => Value::String(format!("{s}-drift")),
         Value::Array(a) => {
             let mut a = a.clone();
