@@ -125,6 +125,9 @@ fn main() {
         b.wait_ready();
         let load_s = t0.elapsed().as_secs_f64();
         eprintln!("{n}: first replica seeded the database in {seed_s:.2} s; a second one loaded it and was ready in {load_s:.2} s");
+        for l in b.logs().lines().filter(|l| l.contains("pool loaded") || l.contains("shared store open") || l.contains("listening")) {
+            eprintln!("  B: {l}");
+        }
         report += &format!("| {n}: first replica ready (seeds the database from the pool cache) | {seed_s:.2} s |\n");
         report += &format!("| {n}: next replica ready (loads the pool from PostgreSQL) | {load_s:.2} s |\n");
         json_out.insert(format!("ready_seed_{n}_s"), json!(seed_s));
@@ -148,6 +151,9 @@ fn main() {
         drop(a);
     }
 
+    if std::env::args().any(|a| a == "--no-writes") {
+        return;
+    }
     // Replication lag and write throughput: 10k pool, two replicas.
     let pg = Postgres::start();
     let dir = tempfile::tempdir().unwrap();

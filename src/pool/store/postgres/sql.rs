@@ -16,6 +16,9 @@ const MIGRATE_LOCK: i64 = 0x706f_6c79_7261_6e01;
 const SEED_LOCK: i64 = 0x706f_6c79_7261_6e02;
 /// Changes read per query by a follower.
 const PAGE: i64 = 256;
+/// Rows per INSERT: a statement's parameters travel in one message, which PostgreSQL caps at
+/// 1 GB; 5,000 vectors of d = 384 are 7.7 MB.
+const ROWS_PER_STATEMENT: usize = 5_000;
 
 /// Creates or migrates the schema; replicas starting together take turns.
 pub(super) async fn migrate(client: &mut Client) -> Result<()> {
@@ -63,7 +66,10 @@ async fn open(client: &mut Client, files: &[PathBuf], key: &str, enc: &mut dyn E
         let cands = from_files(seed);
         tracing::info!(candidates = cands.len(), "seeding the shared store from the pool files");
         let flat = Vec::try_from(v.contiguous().view([-1])).context("seed vectors")?;
-        commit(client, key, &Op::Upsert(cands, flat), "seed", Some(&files_hash)).await?;
+        // No replica can be behind this change (the others wait for the lock, then load the
+        // candidates table), so its record carries no copy of the pool: a 1M pool's vectors
+        // would pass PostgreSQL's 1 GB limit on one value.
+        commit_as(client, key, &Op::Upsert(cands, flat), "seed", Some(&files_hash), false).await?;
     }
     enc.phase("loading the pool from the shared store");
     let t0 = std::time::Instant::now();
@@ -150,35 +156,45 @@ async fn load(client: &mut Client, key: &str, d: i64) -> Result<(LivePool, u64, 
 /// the change record and this model's vectors, the candidates table, and a NOTIFY that
 /// PostgreSQL sends at commit. With `seed_hash`, also records what the files hashed to.
 pub(super) async fn commit(client: &mut Client, key: &str, op: &Op, origin: &str, seed_hash: Option<&str>) -> Result<u64, tokio_postgres::Error> {
+    commit_as(client, key, op, origin, seed_hash, true).await
+}
+
+/// `commit`; with `log: false` the change record holds no candidates (the first seed).
+async fn commit_as(client: &mut Client, key: &str, op: &Op, origin: &str, seed_hash: Option<&str>, log: bool) -> Result<u64, tokio_postgres::Error> {
     let tx = client.transaction().await?;
     let seq: i64 = tx.query_one("UPDATE polyrank_head SET seq = seq + 1 RETURNING seq", &[]).await?.get(0);
     match op {
         Op::Upsert(cands, v) => {
-            let payload = serde_json::to_string(cands).expect("candidates serialise");
+            let payload = if log { serde_json::to_string(cands).expect("candidates serialise") } else { "[]".into() };
             tx.execute("INSERT INTO polyrank_changes (seq, kind, payload, origin) VALUES ($1, 'upsert', $2, $3)", &[&seq, &payload, &origin]).await?;
-            let ids: Vec<&str> = cands.iter().map(|c| c.id.as_str()).collect();
-            let texts: Vec<&str> = cands.iter().map(|c| c.text.as_str()).collect();
-            let metas: Vec<Option<String>> = cands.iter().map(|c| c.meta.as_ref().map(|m| m.to_string())).collect();
-            let pos: Vec<i32> = (0..cands.len() as i32).collect();
-            tx.execute(
-                "INSERT INTO polyrank_candidates (id, text, meta_json, seq, pos, deleted) \
-                 SELECT u.id, u.text, u.meta, $4, u.pos, false FROM UNNEST($1::text[], $2::text[], $3::text[], $5::int4[]) AS u(id, text, meta, pos) \
-                 ON CONFLICT (id) DO UPDATE SET text = EXCLUDED.text, meta_json = EXCLUDED.meta_json, seq = EXCLUDED.seq, pos = EXCLUDED.pos, deleted = false",
-                &[&ids, &texts, &metas, &seq, &pos],
-            )
-            .await?;
-            tx.execute("DELETE FROM polyrank_candidate_vectors WHERE id = ANY($1)", &[&ids]).await?;
-            if !v.is_empty() {
+            if log && !v.is_empty() {
                 tx.execute("INSERT INTO polyrank_change_vectors (seq, vectors_key, vectors) VALUES ($1, $2, $3)", &[&seq, &key, &to_bytes(v)])
                     .await?;
-                let d = v.len() / cands.len().max(1);
-                let rows: Vec<Vec<u8>> = v.chunks(d.max(1)).map(to_bytes).collect();
+            }
+            let d = v.len() / cands.len().max(1);
+            for (part, start) in cands.chunks(ROWS_PER_STATEMENT).zip((0..).step_by(ROWS_PER_STATEMENT)) {
+                let ids: Vec<&str> = part.iter().map(|c| c.id.as_str()).collect();
+                let texts: Vec<&str> = part.iter().map(|c| c.text.as_str()).collect();
+                let metas: Vec<Option<String>> = part.iter().map(|c| c.meta.as_ref().map(|m| m.to_string())).collect();
+                let pos: Vec<i32> = (start..start + part.len() as i32).collect();
                 tx.execute(
-                    "INSERT INTO polyrank_candidate_vectors (vectors_key, id, seq, vector) \
-                     SELECT $1, u.id, $2, u.vector FROM UNNEST($3::text[], $4::bytea[]) AS u(id, vector)",
-                    &[&key, &seq, &ids, &rows],
+                    "INSERT INTO polyrank_candidates (id, text, meta_json, seq, pos, deleted) \
+                     SELECT u.id, u.text, u.meta, $4, u.pos, false FROM UNNEST($1::text[], $2::text[], $3::text[], $5::int4[]) AS u(id, text, meta, pos) \
+                     ON CONFLICT (id) DO UPDATE SET text = EXCLUDED.text, meta_json = EXCLUDED.meta_json, seq = EXCLUDED.seq, pos = EXCLUDED.pos, deleted = false",
+                    &[&ids, &texts, &metas, &seq, &pos],
                 )
                 .await?;
+                // Vectors of other models were computed from the old text.
+                tx.execute("DELETE FROM polyrank_candidate_vectors WHERE id = ANY($1)", &[&ids]).await?;
+                if !v.is_empty() {
+                    let rows: Vec<Vec<u8>> = v[start as usize * d..(start as usize + part.len()) * d].chunks(d.max(1)).map(to_bytes).collect();
+                    tx.execute(
+                        "INSERT INTO polyrank_candidate_vectors (vectors_key, id, seq, vector) \
+                         SELECT $1, u.id, $2, u.vector FROM UNNEST($3::text[], $4::bytea[]) AS u(id, vector)",
+                        &[&key, &seq, &ids, &rows],
+                    )
+                    .await?;
+                }
             }
         }
         Op::Delete(ids) => {
