@@ -483,3 +483,58 @@ fn a_bad_store_url_is_a_clear_error_at_start_and_no_password_is_logged() {
     assert!(!error.contains("wrong-hunter2") && !logs.contains("wrong-hunter2"), "the password leaked: {error}\n{logs}");
     assert!(!info(&s).to_string().contains("wrong-hunter2"));
 }
+
+#[test]
+fn replicas_running_other_weights_keep_vectors_of_their_own_and_share_them_with_their_peers() {
+    let pg = Postgres::start();
+    let dir = tempfile::tempdir().unwrap();
+    let old = setup(dir.path(), &pg.url());
+    // The same pool with a second model (other weights: another vectors key), as in a rolling
+    // update.
+    let new_model = dir.path().join("model-2");
+    polyrank::testkit::write_tiny_model(&new_model, &polyrank::testkit::tiny_settings(8), 6).unwrap();
+    let mut new = old.clone();
+    new.model = new_model;
+    new.cache = dir.path().join("cache-2");
+
+    let a = Server::start(&old);
+    a.wait_ready();
+    let b = Server::start(&new);
+    b.wait_ready();
+    assert!(b.logs().contains("no vectors of this model"), "the new model encoded the pool at start:\n{}", b.logs());
+    let mut model = Model::seed(&old.pool);
+    converge(&[&a, &b], &model.digest(), Duration::from_secs(5));
+
+    // A write through the old model reaches the new one, which encodes it itself.
+    let body = json!({"candidates": [{"id": "rolling", "text": "i like dogs and rain", "meta": {"v": 1}}]});
+    let (st, v) = upsert(&a, &body);
+    assert_eq!(st, 200, "{v}");
+    let seq = v["seq"].as_u64().unwrap();
+    let (st, r) = b.post("/rank", &json!({"context": "i like dogs and rain", "top_k": 1000, "min_seq": seq}));
+    assert_eq!(st, 200, "{r}");
+    assert!(result_ids(&r).contains(&"rolling".to_string()));
+    model.apply(&[(seq, body)]);
+    converge(&[&a, &b], &model.digest(), Duration::from_secs(2));
+    // Each model ranks with its own vectors: the two replicas score differently.
+    let (_, ra) = a.post("/rank", &json!({"context": "i like dogs and rain", "top_k": 3, "min_seq": seq}));
+    let (_, rb) = b.post("/rank", &json!({"context": "i like dogs and rain", "top_k": 3, "min_seq": seq}));
+    assert_ne!(ra["results"][0]["score"], rb["results"][0]["score"]);
+
+    // Both models' vectors are kept for every candidate, so a third replica of either model
+    // starts without encoding anything.
+    let t0 = Instant::now();
+    let keys = loop {
+        let k = pg.sql("SELECT count(DISTINCT vectors_key) FROM polyrank_candidate_vectors WHERE id = 'rolling'");
+        if k == "2" || t0.elapsed() > Duration::from_secs(5) {
+            break k;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    assert_eq!(keys, "2", "the new model's vectors of another model's write were not kept");
+    let c = Server::start(&new);
+    c.wait_ready();
+    assert!(!c.logs().contains("encoding pool"), "a replica of the new model encoded again:\n{}", c.logs());
+    converge(&[&c], &model.digest(), Duration::from_secs(2));
+    let (_, rc) = c.post("/rank", &json!({"context": "i like dogs and rain", "top_k": 3}));
+    assert_eq!(rc["results"], rb["results"], "the same model ranks the same from the shared vectors");
+}
