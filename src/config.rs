@@ -107,11 +107,40 @@ pub struct ServeArgs {
     #[arg(long, env = "POLYRANK_BODY_LIMIT_BYTES")]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub body_limit_bytes: Option<usize>,
+    /// Most object keys in one candidate's meta, all nesting levels counted (422 above).
+    #[arg(long, env = "POLYRANK_MAX_META_KEYS")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub max_meta_keys: Option<usize>,
+    /// Deepest nesting of a candidate's meta, the meta object being level 1 (422 deeper).
+    #[arg(long, env = "POLYRANK_MAX_META_DEPTH")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub max_meta_depth: Option<usize>,
+    /// Largest candidate meta, in bytes of compact JSON (422 above).
+    #[arg(long, env = "POLYRANK_MAX_META_BYTES")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub max_meta_bytes: Option<usize>,
+    /// Longest string in a candidate's meta, key or value, in characters (422 above).
+    #[arg(long, env = "POLYRANK_MAX_META_STRING_CHARS")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub max_meta_string_chars: Option<usize>,
+    /// Most memory the meta filter index may take, in (estimated) bytes; candidates past it are
+    /// not indexed and filters check them one by one (same results, slower).
+    #[arg(long, env = "POLYRANK_MAX_META_INDEX_BYTES")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub max_meta_index_bytes: Option<usize>,
+    /// Most bytes of ids, texts and meta one /rank answer may carry (return_text, return_meta);
+    /// a larger answer is refused with 422 (ask for a smaller top_k, or without them).
+    #[arg(long, env = "POLYRANK_MAX_RESPONSE_BYTES")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub max_response_bytes: Option<usize>,
     /// Origins allowed by CORS; "*" allows any, empty disables CORS headers. Comma-separated.
     #[arg(long, env = "POLYRANK_CORS_ORIGINS", value_delimiter = ',')]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub cors_origins: Option<Vec<String>>,
-    /// When set, /rank and /encode require `Authorization: Bearer KEY` (or `x-api-key: KEY`).
+    /// When set, every route that reads or changes the model or the pool needs `Authorization:
+    /// Bearer KEY` (the scheme in any case) or `x-api-key: KEY`: POST /rank, POST /encode, POST
+    /// and DELETE /candidates, GET /candidates/{id}. /health/live, /health/ready, /info,
+    /// /metrics and /openapi.yaml stay open.
     #[arg(long, env = "POLYRANK_API_KEY", hide_env_values = true)]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub api_key: Option<String>,
@@ -160,6 +189,12 @@ pub struct Config {
     pub max_encode_texts: usize,
     pub max_text_chars: usize,
     pub body_limit_bytes: usize,
+    pub max_meta_keys: usize,
+    pub max_meta_depth: usize,
+    pub max_meta_bytes: usize,
+    pub max_meta_string_chars: usize,
+    pub max_meta_index_bytes: usize,
+    pub max_response_bytes: usize,
     pub cors_origins: Vec<String>,
     #[serde(default, skip_serializing)]
     pub api_key: Option<String>,
@@ -229,6 +264,12 @@ impl Config {
             ("request_timeout_ms", self.request_timeout_ms as usize),
             ("cache_keep", self.cache_keep),
             ("store_compact_bytes", self.store_compact_bytes as usize),
+            ("max_meta_keys", self.max_meta_keys),
+            ("max_meta_depth", self.max_meta_depth),
+            ("max_meta_bytes", self.max_meta_bytes),
+            ("max_meta_string_chars", self.max_meta_string_chars),
+            ("max_meta_index_bytes", self.max_meta_index_bytes),
+            ("max_response_bytes", self.max_response_bytes),
         ] {
             anyhow::ensure!(value >= 1, "{name} must be at least 1 (0 would refuse every request or disable the limit)");
         }
@@ -241,6 +282,15 @@ impl Config {
         anyhow::ensure!(!self.candidates.is_empty(), "at least one candidates file is needed");
         self.device()?;
         Ok(())
+    }
+
+    pub fn meta_limits(&self) -> crate::pool::meta::MetaLimits {
+        crate::pool::meta::MetaLimits {
+            keys: self.max_meta_keys,
+            depth: self.max_meta_depth,
+            bytes: self.max_meta_bytes,
+            string_chars: self.max_meta_string_chars,
+        }
     }
 
     /// Checks that need the model's settings: one context and one candidate of the longest

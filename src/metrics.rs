@@ -17,6 +17,10 @@ pub(crate) const WRITES: &str = "polyrank_pool_writes_total";
 pub(crate) const STORE_LOG_BYTES: &str = "polyrank_store_log_bytes";
 pub(crate) const STORE_LAST_COMPACTION: &str = "polyrank_store_last_compaction_timestamp_seconds";
 pub(crate) const STORE_COMPACTIONS: &str = "polyrank_store_compactions_total";
+/// The meta filter index's estimated size, and the candidates it leaves to direct checks.
+pub(crate) const META_INDEX_BYTES: &str = "polyrank_meta_index_bytes";
+pub(crate) const META_UNINDEXED: &str = "polyrank_meta_unindexed_candidates";
+
 
 const LATENCY_BUCKETS: &[f64] =
     &[0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0];
@@ -40,6 +44,8 @@ pub(crate) fn install() -> anyhow::Result<PrometheusHandle> {
     metrics::describe_gauge!(STORE_LOG_BYTES, "Bytes in the store's write-ahead log since the last snapshot");
     metrics::describe_gauge!(STORE_LAST_COMPACTION, "When the store last wrote a snapshot (Unix seconds)");
     metrics::describe_counter!(STORE_COMPACTIONS, "Snapshots written by the store");
+    metrics::describe_gauge!(META_INDEX_BYTES, "Estimated bytes of the meta filter index");
+    metrics::describe_gauge!(META_UNINDEXED, "Candidates whose meta is not indexed (over the limits or the index budget); filters check them directly");
     metrics::counter!(POOL_ENCODED).absolute(0);
     Ok(handle)
 }

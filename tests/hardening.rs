@@ -1,6 +1,7 @@
 //! No request within the limits may stall the service: cost-bounded admission, chunked and
 //! cancellable encoding, inline candidates batched across requests, settings checked at
-//! startup, clean exits, cache-directory hygiene, and quiet probes.
+//! startup, clean exits, cache-directory hygiene, and quiet probes. And none may take it down
+//! (issue 24): bounded candidate meta and answers.
 
 mod common;
 use common::server::{tiny_setup, unsafe_kill, Server, Setup};
@@ -187,6 +188,7 @@ fn bad_settings_fail_the_start_with_a_message() {
         (&["--max-request-tokens", "10"], "max_request_tokens = 10"),
         (&["--device", "cuda:7"], "device `cuda:7`: this host has"),
         (&["--device", "tpu"], "expected cpu, cuda or cuda:N"),
+        (&["--max-meta-keys", "0"], "max_meta_keys must be at least 1"),
     ];
     for (args, message) in cases {
         let (code, stderr) = polyrank(&[&["--port", "0"], *args].concat(), &setup);
@@ -273,4 +275,248 @@ fn probes_do_not_log_errors_and_duplicate_ids_are_refused() {
     assert_eq!((st, v["error_type"].as_str()), (422, Some("validation")), "{v}");
     assert!(v["error"].as_str().unwrap().contains("\"c1\""), "{v}");
     common::contract::Contract::load().check("/rank", "post", 422, "application/json", &v);
+}
+
+// ---- Issue 24: bounded meta, bounded answers, connection hygiene -------------------------------
+
+/// Resident memory of a process, in bytes.
+fn rss(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let kb: u64 = status.lines().find_map(|l| l.strip_prefix("VmRSS:")).unwrap().trim().trim_end_matches("kB").trim().parse().unwrap();
+    kb * 1024
+}
+
+/// The largest meta the defaults accept, and the dearest for the index: 64 top-level numeric
+/// fields (each indexed twice: by value and in order) whose ~100-character names are new to
+/// the index (`tag` makes them unique), 8,000+ bytes of JSON.
+fn max_meta(tag: usize) -> Value {
+    let mut m = serde_json::Map::new();
+    for i in 0..64 {
+        m.insert(format!("{tag:08}-{i:02}-{}", "x".repeat(100)), json!(tag * 64 + i));
+    }
+    let v = Value::Object(m);
+    let n = serde_json::to_vec(&v).unwrap().len();
+    assert!((7000..=8192).contains(&n), "max_meta is {n} bytes");
+    v
+}
+
+fn info(s: &Server) -> Value {
+    let (st, body) = s.get("/info");
+    assert_eq!(st, 200, "{body}");
+    serde_json::from_str(&body).unwrap()
+}
+
+#[test]
+fn meta_over_any_limit_refuses_the_whole_batch_and_ids_must_be_printable() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = Server::start(&tiny_setup(dir.path(), 50, 21));
+    s.wait_ready();
+    let contract = common::contract::Contract::load();
+    let deep = (0..5).fold(json!(1), |v, _| json!({"d": v})); // the meta object + 5 levels
+    let wide = Value::Object((0..100_000).map(|i| (format!("k{i}"), json!(i))).collect());
+    let cases: Vec<(&str, Value, &str)> = vec![
+        ("100,000 keys (the issue's 1.68 MB meta)", wide, "max_meta_keys"),
+        ("65 keys over two levels", json!({"a": Value::Object((0..40).map(|i| (format!("a{i}"), json!(i))).collect()), "b": Value::Object((0..23).map(|i| (format!("b{i}"), json!(i))).collect())}), "max_meta_keys"),
+        ("6 levels", deep, "max_meta_depth"),
+        ("a 1.9 MB string", json!({"s": "x".repeat(1_900_000)}), "max_meta_string_chars"),
+        ("a 2,000-character key", json!({"k".repeat(2000): 1}), "max_meta_string_chars"),
+        ("9 KB of 16 strings", Value::Object((0..16).map(|i| (format!("s{i}"), json!("y".repeat(560)))).collect()), "max_meta_bytes"),
+    ];
+    for (what, meta, limit) in cases {
+        let body = json!({"candidates": [{"id": "fine-1", "text": "a fine candidate", "meta": {"lang": "en"}}, {"id": "bad-1", "text": "i like pizza", "meta": meta}]});
+        let t = Instant::now();
+        let (st, v) = s.post("/candidates", &body);
+        let secs = t.elapsed().as_secs_f64();
+        eprintln!("{what}: {st} in {:.0} ms: {}", secs * 1e3, v["error"]);
+        assert_eq!((st, v["error_type"].as_str()), (422, Some("validation")), "{what}: {v}");
+        let msg = v["error"].as_str().unwrap();
+        assert!(msg.contains(limit) && msg.contains("candidates[1].meta"), "{what}: the message names the limit and the candidate: {msg}");
+        assert!(secs < 1.0, "{what}: refusing took {secs:.2} s");
+        contract.check("/candidates", "post", 422, "application/json", &v);
+        assert_eq!(s.send("get", "/candidates/fine-1", None).0, 404, "{what}: nothing of the batch was applied");
+    }
+    // At the limits exactly: accepted.
+    let at_limits = json!({"candidates": [{"id": "edge", "text": "i like cats", "meta": {"a": {"b": {"c": "z".repeat(1024)}}, "n": 1}}, {"id": "widest", "text": "i like dogs", "meta": max_meta(7)}]});
+    let (st, v) = s.post("/candidates", &at_limits);
+    assert_eq!(st, 200, "{v}");
+    assert_eq!(info(&s)["pool_size"], 52);
+
+    for (what, id) in [("NUL", "a\u{0}b"), ("a newline", "a\nb"), ("a tab", "a\tb"), ("DEL", "a\u{7f}"), ("a C1 control", "a\u{85}b"), ("RLO", "invoice\u{202E}fdp.exe"), ("an isolate", "a\u{2066}b"), ("RLM", "a\u{200F}"), ("a line separator", "a\u{2028}b")] {
+        let (st, v) = s.post("/candidates", &json!({"candidates": [{"id": id, "text": "i like rain"}]}));
+        assert_eq!((st, v["error_type"].as_str()), (422, Some("validation")), "an id with {what}: {v}");
+        assert!(v["error"].as_str().unwrap().contains("U+"), "{what}: {v}");
+        contract.check("/candidates", "post", 422, "application/json", &v);
+    }
+    let (st, v) = s.post("/candidates", &json!({"candidates": [{"id": "ünïcödé-id 名前 😀", "text": "i like sun"}]}));
+    assert_eq!(st, 200, "printable non-ASCII ids are fine: {v}");
+}
+
+#[test]
+fn max_size_metas_keep_memory_bounded_answers_are_bounded_and_deletes_give_memory_back() {
+    let dir = tempfile::tempdir().unwrap();
+    // A long time budget: admission refuses a large write (429) when the encoding rate it
+    // measured says it cannot finish in time, and on a crowded machine that rate can be low.
+    let s = Server::start(&tiny_setup(dir.path(), 50, 22).arg("--request-timeout-ms", "120000"));
+    s.wait_ready();
+    let pid = s.child.id();
+    let cand = |i: usize| json!({"id": format!("m{i}"), "text": format!("i like music {i}"), "meta": max_meta(i)});
+    // Warm-up: the first write grows buffers that stay.
+    assert_eq!(s.post("/candidates", &json!({"candidates": [cand(999_999)]})).0, 200);
+    assert_eq!(s.send("delete", "/candidates", Some(&json!({"ids": ["m999999"]}))).0, 200);
+    let index0 = info(&s)["meta_index"].clone();
+    let base = rss(pid);
+
+    // The issue's attack, at the largest meta the limits let through: 20 requests of one
+    // candidate each (before: ~165 MB each).
+    for i in 0..20 {
+        let (st, v) = s.post("/candidates", &json!({"candidates": [cand(i)]}));
+        assert_eq!(st, 200, "{v}");
+    }
+    let after20 = rss(pid);
+    let grown20 = after20.saturating_sub(base) as f64 / 1e6;
+    eprintln!("20 max-size metas: RSS {:.1} → {:.1} MB (+{grown20:.2} MB); index {}", base as f64 / 1e6, after20 as f64 / 1e6, info(&s)["meta_index"]);
+    assert!(grown20 < 16.0, "20 accepted max-size metas grew RSS by {grown20:.1} MB (bound: 16 MB)");
+
+    // 1,000 more, in requests of 125 (1 MB bodies): memory in proportion, and /info agrees.
+    for b in 0..8 {
+        let batch: Vec<Value> = (0..125).map(|j| cand(20 + b * 125 + j)).collect();
+        let (st, v) = s.post("/candidates", &json!({"candidates": batch}));
+        assert_eq!(st, 200, "{v}\n{}", s.logs());
+    }
+    let full = rss(pid);
+    let idx = info(&s)["meta_index"].clone();
+    let grown = full.saturating_sub(base) as f64;
+    eprintln!("1,020 max-size metas: RSS +{:.1} MB; index estimate {:.1} MB ({} fields, {} unindexed)", grown / 1e6, idx["bytes"].as_f64().unwrap() / 1e6, idx["fields"], idx["unindexed"]);
+    assert_eq!(idx["fields"], 64 * 1020 + 1, "every field of every meta indexed, plus the pool's `n`");
+    assert_eq!(s.metric("polyrank_meta_index_bytes"), idx["bytes"].as_f64(), "the gauge says what /info says");
+    assert!(idx["bytes"].as_f64().unwrap() <= idx["max_bytes"].as_f64().unwrap());
+    // The estimate /info reports is the memory the index really takes (the rest of the growth
+    // is the meta itself, about a tenth).
+    let ratio = idx["bytes"].as_f64().unwrap() / grown;
+    assert!((0.7..=1.2).contains(&ratio), "index estimate / RSS growth = {ratio:.2}");
+
+    // The answer is bounded too: 1,000 results with their meta (8 MB) are refused, at once.
+    let t = Instant::now();
+    let (st, v) = s.post("/rank", &json!({"context": "music", "top_k": 1000, "return_meta": true}));
+    let secs = t.elapsed().as_secs_f64();
+    eprintln!("top_k 1000 with meta: {st} in {:.0} ms: {}", secs * 1e3, v["error"]);
+    assert_eq!((st, v["error_type"].as_str()), (422, Some("validation")), "{v}");
+    assert!(v["error"].as_str().unwrap().contains("max_response_bytes"), "{v}");
+    common::contract::Contract::load().check("/rank", "post", 422, "application/json", &v);
+    assert!(secs < 2.0, "refusing the answer took {secs:.2} s");
+    let (st, v) = s.post("/rank", &json!({"context": "music", "top_k": 100, "return_meta": true}));
+    assert_eq!(st, 200, "100 results with meta fit the default budget: {v}");
+    assert_eq!(v["results"].as_array().unwrap().len(), 100);
+
+    // Deleting them gives it back: the index to the byte, the process's memory within 10 %
+    // of what they took.
+    let ids: Vec<String> = (0..1020).map(|i| format!("m{i}")).collect();
+    for chunk in ids.chunks(510) {
+        let (st, v) = s.send("delete", "/candidates", Some(&json!({"ids": chunk})));
+        assert_eq!((st, v["deleted"].as_u64()), (200, Some(510)), "{v}");
+    }
+    std::thread::sleep(Duration::from_millis(200));
+    let after = rss(pid);
+    let left = after.saturating_sub(base) as f64;
+    eprintln!("after deleting them: RSS {:.1} MB above the start ({:.1} % of the growth)", left / 1e6, 100.0 * left / grown);
+    assert_eq!(info(&s)["meta_index"], index0, "the index is back where it started");
+    assert!(left <= 0.10 * grown, "after the deletes RSS is {:.1} MB above the start, more than 10 % of the {:.1} MB the upserts took", left / 1e6, grown / 1e6);
+}
+
+#[test]
+fn a_store_holding_meta_over_todays_limits_opens_and_serves_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = dir.path().join("store");
+    let setup = tiny_setup(dir.path(), 50, 23).store(&store);
+    // What an older version (no meta limits) could write: limits opened wide.
+    let loose = setup.clone().arg("--max-meta-keys", "1000000").arg("--max-meta-bytes", "2000000").arg("--max-meta-depth", "100").arg("--max-meta-string-chars", "2000000");
+    let mut big = serde_json::Map::new();
+    for i in 0..5000 {
+        big.insert(format!("k{i}"), json!(i));
+    }
+    big.insert("lang".into(), json!("en"));
+    big.insert("deep".into(), (0..8).fold(json!("bottom"), |v, _| json!({"d": v})));
+    let big = Value::Object(big);
+    let s = Server::start(&loose);
+    s.wait_ready();
+    let body = json!({"candidates": [{"id": "big", "text": "i like books", "meta": big}, {"id": "small", "text": "i like paris", "meta": {"lang": "en"}}]});
+    assert_eq!(s.post("/candidates", &body).0, 200);
+    assert!(s.terminate().success());
+
+    // Today's defaults: the store opens, the candidate is kept whole, with a warning.
+    let s = Server::start(&setup);
+    s.wait_ready();
+    let logs = s.logs();
+    assert!(logs.contains("over the meta limits were kept"), "{logs}");
+    assert!(!logs.contains("panicked"), "{logs}");
+    let idx = info(&s)["meta_index"].clone();
+    assert_eq!(idx["unindexed"], 1, "{idx}");
+    let (st, v) = s.send("get", "/candidates/big", None);
+    assert_eq!(st, 200);
+    assert_eq!(v["meta"], body["candidates"][0]["meta"], "its meta is served as stored");
+    // Filters find it on any field, indexed or not, and only where it matches.
+    let ids = |filter: Value| -> Vec<String> {
+        let (st, v) = s.post("/rank", &json!({"context": "hi", "top_k": 100, "filter": filter}));
+        assert_eq!(st, 200, "{v}");
+        let mut ids = common::server::result_ids(&v);
+        ids.sort();
+        ids
+    };
+    assert_eq!(ids(json!({"lang": "en"})), ["big", "small"]);
+    assert_eq!(ids(json!({"k4999": 4999})), ["big"]);
+    assert_eq!(ids(json!({"k4999": {"$gte": 5000}})), Vec::<String>::new());
+    assert_eq!(ids(json!({"n": 3})), ["c3"]);
+    // The same meta is refused as a new write; deleting the old one frees its place.
+    let (st, v) = s.post("/candidates", &json!({"candidates": [body["candidates"][0].clone()]}));
+    assert_eq!((st, v["error_type"].as_str()), (422, Some("validation")), "{v}");
+    assert_eq!(s.send("delete", "/candidates", Some(&json!({"ids": ["big"]}))).0, 200);
+    assert_eq!(info(&s)["meta_index"]["unindexed"], 0);
+}
+
+#[test]
+fn the_key_scheme_is_case_insensitive_and_paths_stay_in_the_log() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = dir.path().join("store");
+    let setup = tiny_setup(dir.path(), 50, 25).store(&store).arg("--api-key", "k-25");
+    let s = Server::start(&setup);
+    s.wait_ready();
+    let rank = |auth: &str| {
+        let r = s.client.post(s.url("/rank")).header("authorization", auth).json(&json!({"context": "hi", "top_k": 1})).send().unwrap();
+        r.status().as_u16()
+    };
+    for auth in ["Bearer k-25", "bearer k-25", "BEARER k-25", "bEaReR  k-25"] {
+        assert_eq!(rank(auth), 200, "{auth}");
+    }
+    for auth in ["Bearer k-26", "Basic k-25", "Bearerk-25", "k-25"] {
+        assert_eq!(rank(auth), 401, "{auth}");
+    }
+    for (method, path) in [("post", "/candidates"), ("delete", "/candidates"), ("get", "/candidates/c1"), ("post", "/encode")] {
+        assert_eq!(s.send(method, path, Some(&json!({}))).0, 401, "{method} {path} is protected");
+    }
+    // /info is open, and shows no absolute path of this host.
+    let tmp = dir.path().to_str().unwrap();
+    let (_, text) = s.get("/info");
+    assert!(!text.contains(tmp), "/info shows {tmp}: {text}");
+    assert_eq!(info(&s)["model_dir"], "model");
+    // A second process on the same store fails to start: readiness says why without the path
+    // (the log has it).
+    let other = Server::start(&setup);
+    let t0 = Instant::now();
+    let (st, body) = loop {
+        let (st, body) = other.get("/health/ready");
+        if !body.contains("loading") || t0.elapsed() > Duration::from_secs(30) {
+            break (st, body);
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    assert_eq!(st, 503, "{body}");
+    assert!(body.contains("in use by another polyrank process") && !body.contains(tmp), "{body}");
+    let (st, v) = other.send("post", "/rank", Some(&json!({"context": "hi"})));
+    assert_eq!(st, 401, "{v}");
+    let r = other.client.post(other.url("/rank")).header("x-api-key", "k-25").json(&json!({"context": "hi"})).send().unwrap();
+    assert_eq!(r.status().as_u16(), 503);
+    let text = r.text().unwrap();
+    assert!(text.contains("not_ready") && !text.contains(tmp), "{text}");
+    std::thread::sleep(Duration::from_millis(100));
+    assert!(other.logs().contains(tmp), "the log keeps the path");
 }

@@ -70,8 +70,12 @@ impl ApiError {
 
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
-        let mut res = (self.status(), Json(json!({"error": self.to_string(), "error_type": self.error_type()})))
-            .into_response();
+        // Failures of the process (a store, a model directory) may name the host's paths.
+        let message = match &self {
+            ApiError::NotReady(_) | ApiError::Internal(_) => super::redact::paths(&self.to_string()),
+            _ => self.to_string(),
+        };
+        let mut res = (self.status(), Json(json!({"error": message, "error_type": self.error_type()}))).into_response();
         if matches!(self, ApiError::Overloaded) {
             res.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
         }

@@ -25,6 +25,7 @@ impl Worker {
         let seed_hash = seed_hash(files)?;
         let (snapshot, logs) = durable.recover()?;
         let d = self.ranker.model.dim();
+        let (limits, index_bytes) = (self.config.meta_limits(), self.config.max_meta_index_bytes);
         let mut cache = None;
         let (mut pool, last_seq, mut changed) = match &snapshot {
             None => {
@@ -34,13 +35,13 @@ impl Worker {
                 let v = self.load_pool(&seed, &c)?;
                 cache = Some(c);
                 tracing::info!(candidates = seed.len(), "seeding the store from the pool files");
-                (LivePool::new(from_files(seed), v), 0, true)
+                (LivePool::new(from_files(seed), v, limits, index_bytes), 0, true)
             }
             Some(s) => {
                 let h = &s.header;
                 anyhow::ensure!(h.d as i64 == d || h.vectors_key != key, "the store's snapshot holds {}-d vectors for this model", h.d);
                 let v = Tensor::from_slice(&s.vectors).view([h.n as i64, h.d as i64]);
-                (LivePool::new(s.candidates.clone(), v), h.last_seq, false)
+                (LivePool::new(s.candidates.clone(), v, limits, index_bytes), h.last_seq, false)
             }
         };
         let mut seq = last_seq;
@@ -69,7 +70,7 @@ impl Worker {
             let cands = pool.candidates().to_vec();
             let texts: Vec<String> = cands.iter().map(|c| c.text.clone()).collect();
             self.status.set_total(texts.len());
-            pool = LivePool::new(cands, self.encode_all(&texts)?);
+            pool = LivePool::new(cands, self.encode_all(&texts)?, limits, index_bytes);
             changed = true;
         }
         if snapshot.as_ref().is_some_and(|s| s.header.seed_hash != seed_hash) {
@@ -90,6 +91,7 @@ impl Worker {
         if changed {
             store.snapshot_now(&pool)?;
         }
+        warn_over_limits(&pool, &limits);
         let kind = if self.config.fp16_candidates { Kind::Half } else { Kind::Float };
         tracing::info!(candidates = pool.len(), log_writes = replayed, "store open");
         Ok((pool.to(self.ranker.model.device, kind), store, cache))
@@ -145,6 +147,25 @@ impl Worker {
         tracing::info!(candidates = texts.len(), secs = format!("{:.1}", t0.elapsed().as_secs_f64()), "pool encoded");
         Ok(Tensor::cat(&parts, 0))
     }
+}
+
+/// Meta over today's limits (written by an older version, or in the pool files) is kept and
+/// served; it is only left out of the index (filters check it directly). Said once, at start.
+fn warn_over_limits(pool: &LivePool, limits: &crate::pool::meta::MetaLimits) {
+    let over: Vec<(&str, String)> = pool
+        .candidates()
+        .iter()
+        .filter_map(|c| c.meta.as_ref().and_then(|m| crate::pool::meta::violation("meta", m, limits)).map(|e| (c.id.as_str(), e)))
+        .collect();
+    if let Some((id, why)) = over.first() {
+        tracing::warn!(
+            candidates = over.len(),
+            first = %id,
+            "candidates whose meta is over the meta limits were kept (first: {why}); their meta is not indexed and filters check them one by one. New writes over the limits are refused."
+        );
+    }
+    let stats = pool.index_stats();
+    tracing::info!(bytes = stats.bytes, fields = stats.fields, unindexed = stats.unindexed, "meta index built");
 }
 
 fn from_files(p: Pool) -> Vec<Candidate> {

@@ -94,7 +94,8 @@ pub(super) fn spawn(config: &Config, rx: Receiver<Job>, status: Arc<Status>) -> 
             max_batch_tokens: config.max_batch_tokens,
             max_wait: Duration::from_millis(config.max_wait_ms),
         };
-        let pool = LivePool::new(Vec::new(), Tensor::zeros([0, ranker.model.dim()], (Kind::Float, device)));
+        let empty = Tensor::zeros([0, ranker.model.dim()], (Kind::Float, device));
+        let pool = LivePool::new(Vec::new(), empty, config.meta_limits(), config.max_meta_index_bytes);
         let worker = Worker { ranker, config, limits, status: thread_status, pool, store: None, chunk_rate: Default::default() };
         worker.run(rx)
     })?;
@@ -125,6 +126,7 @@ impl Worker {
                 self.store = Some(store);
                 metrics::gauge!(m::POOL_SIZE).set(self.pool.len() as f64);
                 self.status.set_pool_size(self.pool.len());
+                self.status.set_index(self.pool.index_stats());
                 self.status.set_ready();
                 tracing::info!(candidates = self.pool.len(), "ready");
                 if let Some(cache) = cache {
@@ -274,6 +276,7 @@ impl Worker {
         let store = self.store.as_mut().ok_or_else(|| JobError::Failed("the store is not open".into()))?;
         let missing = store.write(&mut self.pool, op).map_err(|e| JobError::Failed(format!("the write was not stored: {e:#}")))?;
         self.status.set_pool_size(self.pool.len());
+        self.status.set_index(self.pool.index_stats());
         Ok(Output::Written { missing, pool_size: self.pool.len() })
     }
 }
