@@ -133,6 +133,23 @@ pub struct ServeArgs {
     #[arg(long, env = "POLYRANK_MAX_RESPONSE_BYTES")]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub max_response_bytes: Option<usize>,
+    /// Most open client connections served; past it, a small reserve answers only the health
+    /// probes (the oldest reserved connection is closed for a new one), so the process never
+    /// runs out of file descriptors. Must fit the open-file limit (ulimit -n) with headroom.
+    #[arg(long, env = "POLYRANK_MAX_CONNECTIONS")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub max_connections: Option<usize>,
+    /// Time a client has to send a request's headers, in milliseconds, counted from the
+    /// connection's opening (or, on a kept-alive connection, from the previous response);
+    /// the connection is closed past it.
+    #[arg(long, env = "POLYRANK_HEADER_READ_TIMEOUT_MS")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub header_read_timeout_ms: Option<u64>,
+    /// A connection with no request in flight and no bytes moving for this long, in
+    /// milliseconds, is closed (at most header_read_timeout_ms).
+    #[arg(long, env = "POLYRANK_KEEP_ALIVE_TIMEOUT_MS")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub keep_alive_timeout_ms: Option<u64>,
     /// Origins allowed by CORS; "*" allows any, empty disables CORS headers. Comma-separated.
     #[arg(long, env = "POLYRANK_CORS_ORIGINS", value_delimiter = ',')]
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -195,6 +212,9 @@ pub struct Config {
     pub max_meta_string_chars: usize,
     pub max_meta_index_bytes: usize,
     pub max_response_bytes: usize,
+    pub max_connections: usize,
+    pub header_read_timeout_ms: u64,
+    pub keep_alive_timeout_ms: u64,
     pub cors_origins: Vec<String>,
     #[serde(default, skip_serializing)]
     pub api_key: Option<String>,
@@ -222,6 +242,21 @@ impl Dtype {
             Dtype::Bfloat16 => tch::Kind::BFloat16,
         }
     }
+}
+
+/// Connections past `max_connections` that are still accepted, to answer health probes only.
+pub const PROBE_RESERVE: usize = 16;
+/// File descriptors the process holds besides client connections: 14 measured in a ready
+/// server (stdio, epoll, the listener, the store's log and lock, libtorch); the rest is room
+/// for what it opens now and then (a compaction's snapshot, the pool cache, /proc reads).
+const FD_HEADROOM: u64 = 128;
+
+/// The soft open-file limit (RLIMIT_NOFILE), when there is one.
+fn open_file_limit() -> Option<u64> {
+    let mut r = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
+    // SAFETY: getrlimit writes the struct it is given and nothing else.
+    let ok = unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut r) } == 0;
+    (ok && r.rlim_cur != libc::RLIM_INFINITY).then_some(r.rlim_cur as u64)
 }
 
 /// More intra-op threads than this many per core only adds contention (and each costs
@@ -270,6 +305,9 @@ impl Config {
             ("max_meta_string_chars", self.max_meta_string_chars),
             ("max_meta_index_bytes", self.max_meta_index_bytes),
             ("max_response_bytes", self.max_response_bytes),
+            ("max_connections", self.max_connections),
+            ("header_read_timeout_ms", self.header_read_timeout_ms as usize),
+            ("keep_alive_timeout_ms", self.keep_alive_timeout_ms as usize),
         ] {
             anyhow::ensure!(value >= 1, "{name} must be at least 1 (0 would refuse every request or disable the limit)");
         }
@@ -280,7 +318,28 @@ impl Config {
             self.threads
         );
         anyhow::ensure!(!self.candidates.is_empty(), "at least one candidates file is needed");
+        anyhow::ensure!(
+            self.keep_alive_timeout_ms <= self.header_read_timeout_ms,
+            "keep_alive_timeout_ms = {} is more than header_read_timeout_ms = {}: hyper's header timer also runs while a kept-alive connection waits for its next request, so the idle time could never reach it",
+            self.keep_alive_timeout_ms,
+            self.header_read_timeout_ms
+        );
+        self.check_open_files()?;
         self.device()?;
+        Ok(())
+    }
+
+    /// Every connection the server may hold is a file descriptor: the cap, the probes'
+    /// reserve and what the process itself opens must fit the open-file limit, or accepting
+    /// fails with EMFILE and the probes go unanswered.
+    fn check_open_files(&self) -> Result<()> {
+        let Some(limit) = open_file_limit() else { return Ok(()) };
+        let needed = self.max_connections as u64 + PROBE_RESERVE as u64 + FD_HEADROOM;
+        anyhow::ensure!(
+            needed <= limit,
+            "max_connections = {} needs {needed} file descriptors ({PROBE_RESERVE} more for the health probes' reserve and {FD_HEADROOM} for the process), but the open-file limit is {limit} (ulimit -n): lower max_connections or raise the limit",
+            self.max_connections
+        );
         Ok(())
     }
 

@@ -1,7 +1,8 @@
 //! No request within the limits may stall the service: cost-bounded admission, chunked and
 //! cancellable encoding, inline candidates batched across requests, settings checked at
 //! startup, clean exits, cache-directory hygiene, and quiet probes. And none may take it down
-//! (issue 24): bounded candidate meta and answers.
+//! (issue 24): bounded candidate meta and answers, connections that time out, probes that
+//! answer while descriptors are under attack.
 
 mod common;
 use common::server::{tiny_setup, unsafe_kill, Server, Setup};
@@ -189,6 +190,8 @@ fn bad_settings_fail_the_start_with_a_message() {
         (&["--device", "cuda:7"], "device `cuda:7`: this host has"),
         (&["--device", "tpu"], "expected cpu, cuda or cuda:N"),
         (&["--max-meta-keys", "0"], "max_meta_keys must be at least 1"),
+        (&["--max-connections", "0"], "max_connections must be at least 1"),
+        (&["--keep-alive-timeout-ms", "20000"], "keep_alive_timeout_ms = 20000 is more than header_read_timeout_ms = 10000"),
     ];
     for (args, message) in cases {
         let (code, stderr) = polyrank(&[&["--port", "0"], *args].concat(), &setup);
@@ -471,6 +474,135 @@ fn a_store_holding_meta_over_todays_limits_opens_and_serves_it() {
     assert_eq!((st, v["error_type"].as_str()), (422, Some("validation")), "{v}");
     assert_eq!(s.send("delete", "/candidates", Some(&json!({"ids": ["big"]}))).0, 200);
     assert_eq!(info(&s)["meta_index"]["unindexed"], 0);
+}
+
+/// Connects and sends half a request head (no blank line): the issue's idle socket.
+fn half_header(addr: &str) -> std::net::TcpStream {
+    use std::io::Write;
+    let mut c = std::net::TcpStream::connect(addr).unwrap();
+    c.write_all(b"GET /health/live HTTP/1.1\r\nHost: x\r\nX-Slow: ").unwrap();
+    c
+}
+
+/// Whether the server has closed this socket (EOF or reset), without waiting.
+fn closed(c: &mut std::net::TcpStream) -> bool {
+    use std::io::Read;
+    c.set_nonblocking(true).unwrap();
+    let mut buf = [0u8; 512];
+    loop {
+        match c.read(&mut buf) {
+            Ok(0) => return true,
+            Ok(_) => continue, // a response before the close
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => return false,
+            Err(_) => return true,
+        }
+    }
+}
+
+#[test]
+fn idle_half_sent_headers_cannot_exhaust_descriptors_or_starve_the_probes() {
+    let dir = tempfile::tempdir().unwrap();
+    let setup = tiny_setup(dir.path(), 50, 24).nofile(1024).arg("--header-read-timeout-ms", "8000").arg("--keep-alive-timeout-ms", "6000");
+    let s = Server::start(&setup);
+    s.wait_ready();
+    let addr = s.base.trim_start_matches("http://").to_string();
+    let fresh = || reqwest::blocking::Client::builder().pool_max_idle_per_host(0).timeout(Duration::from_secs(5)).build().unwrap();
+
+    // The attack: 1,100 sockets that send half a header and go idle (ulimit -n 1024).
+    let t0 = Instant::now();
+    let mut slowest = 0f64;
+    let mut idle: Vec<std::net::TcpStream> = (0..1100)
+        .map(|_| {
+            let t = Instant::now();
+            let c = half_header(&addr);
+            slowest = slowest.max(t.elapsed().as_secs_f64());
+            c
+        })
+        .collect();
+    eprintln!("1,100 half-header sockets open in {:.0} ms (slowest connect {:.0} ms)", t0.elapsed().as_secs_f64() * 1e3, slowest * 1e3);
+    let opened = Instant::now();
+    std::thread::sleep(Duration::from_millis(300));
+    for i in 0..3 {
+        let t = Instant::now();
+        let r = fresh().get(s.url("/health/live")).send();
+        let secs = t.elapsed().as_secs_f64();
+        let st = r.as_ref().map(|r| r.status().as_u16()).unwrap_or(0);
+        eprintln!("/health/live under attack, try {i}: {st} in {:.1} ms", secs * 1e3);
+        assert_eq!(st, 200, "{r:?}");
+        assert!(secs < 1.0, "/health/live took {secs:.2} s");
+    }
+    // Other routes past the cap: a clear 503, not a hang.
+    let r = fresh().get(s.url("/info")).send().unwrap();
+    assert_eq!(r.status().as_u16(), 503);
+    assert!(r.headers().contains_key("retry-after"));
+    let v: Value = r.json().unwrap();
+    assert_eq!(v["error_type"], "overloaded", "{v}");
+    common::contract::Contract::load().check("/info", "get", 503, "application/json", &v);
+
+    // Every idle socket is closed after the keep-alive timeout (6 s after it was opened; those
+    // past the cap at once), and then the server serves everyone again.
+    let deadline = opened + Duration::from_millis(6000 + 2000);
+    let open = loop {
+        let open = idle.iter_mut().map(closed).filter(|&c| !c).count();
+        if open == 0 || Instant::now() > deadline {
+            break open;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    eprintln!("idle sockets still open {:.1} s after the last one was opened: {open}", opened.elapsed().as_secs_f64());
+    assert_eq!(open, 0, "{open} of 1,100 idle sockets still open {:.1} s after the last one was opened", opened.elapsed().as_secs_f64());
+    assert_eq!(info(&s)["pool_size"], 50);
+    let logs = s.logs();
+    assert!(!logs.contains("Too many open files") && !logs.contains("accept error"), "{logs}");
+
+    // A header sent a byte at a time (slowloris) keeps the idle timer quiet; the header timer
+    // (8 s) closes it.
+    let mut slow = half_header(&addr);
+    let t = Instant::now();
+    let slow_secs = loop {
+        use std::io::Write;
+        if closed(&mut slow) {
+            break t.elapsed().as_secs_f64();
+        }
+        assert!(t.elapsed() < Duration::from_secs(15), "a trickled header was never cut off");
+        slow.set_nonblocking(false).unwrap();
+        let _ = slow.write_all(b"x");
+        std::thread::sleep(Duration::from_millis(250));
+    };
+    eprintln!("trickled header closed after {slow_secs:.2} s");
+    assert!((7.5..10.0).contains(&slow_secs), "closed after {slow_secs:.2} s, not by the 8 s header timer");
+
+    // A kept-alive connection with nothing in flight is closed after 6 s of quiet, not before.
+    let mut ka = std::net::TcpStream::connect(&addr).unwrap();
+    {
+        use std::io::{Read, Write};
+        ka.write_all(b"GET /health/live HTTP/1.1\r\nHost: x\r\n\r\n").unwrap();
+        let mut buf = [0u8; 1024];
+        let n = ka.read(&mut buf).unwrap();
+        assert!(String::from_utf8_lossy(&buf[..n]).starts_with("HTTP/1.1 200"), "{}", String::from_utf8_lossy(&buf[..n]));
+    }
+    let t = Instant::now();
+    std::thread::sleep(Duration::from_millis(5000));
+    assert!(!closed(&mut ka), "closed before the keep-alive timeout");
+    while !closed(&mut ka) {
+        assert!(t.elapsed() < Duration::from_secs(9), "an idle kept-alive connection was never closed");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    eprintln!("idle kept-alive connection closed after {:.2} s", t.elapsed().as_secs_f64());
+
+    // And a cap that cannot fit the open-file limit fails the start, naming both.
+    let out = Command::new("bash")
+        .arg("-c")
+        .arg("ulimit -n 1024 && exec \"$0\" \"$@\"")
+        .arg(env!("CARGO_BIN_EXE_polyrank"))
+        .current_dir(common::root())
+        .args(["serve", "--port", "0", "--max-connections", "1000", "--model-dir", setup.model.to_str().unwrap(), "--candidates", setup.pool.to_str().unwrap()])
+        .env_remove("POLYRANK_API_KEY")
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(stderr.contains("max_connections = 1000") && stderr.contains("open-file limit is 1024"), "{stderr}");
 }
 
 #[test]

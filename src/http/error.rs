@@ -27,6 +27,8 @@ pub enum ApiError {
     MethodNotAllowed,
     #[error("server is busy: the request queue is full, retry shortly")]
     Overloaded,
+    #[error("the server is at its connection limit (max_connections): only the health probes are answered on this connection; retry shortly")]
+    ConnectionLimit,
     #[error("not ready: {0}")]
     NotReady(String),
     #[error("the request exceeded its time budget")]
@@ -46,7 +48,7 @@ impl ApiError {
             ApiError::NotFound | ApiError::NoSuchCandidate(_) => StatusCode::NOT_FOUND,
             ApiError::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
             ApiError::Overloaded => StatusCode::TOO_MANY_REQUESTS,
-            ApiError::NotReady(_) | ApiError::Timeout => StatusCode::SERVICE_UNAVAILABLE,
+            ApiError::NotReady(_) | ApiError::Timeout | ApiError::ConnectionLimit => StatusCode::SERVICE_UNAVAILABLE,
             ApiError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
         }
     }
@@ -60,7 +62,7 @@ impl ApiError {
             ApiError::Unauthorized => "unauthorized",
             ApiError::NotFound | ApiError::NoSuchCandidate(_) => "not_found",
             ApiError::MethodNotAllowed => "method_not_allowed",
-            ApiError::Overloaded => "overloaded",
+            ApiError::Overloaded | ApiError::ConnectionLimit => "overloaded",
             ApiError::NotReady(_) => "not_ready",
             ApiError::Timeout => "timeout",
             ApiError::Internal(_) => "internal",
@@ -76,7 +78,7 @@ impl IntoResponse for ApiError {
             _ => self.to_string(),
         };
         let mut res = (self.status(), Json(json!({"error": message, "error_type": self.error_type()}))).into_response();
-        if matches!(self, ApiError::Overloaded) {
+        if matches!(self, ApiError::Overloaded | ApiError::ConnectionLimit) {
             res.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
         }
         if matches!(self, ApiError::Unauthorized) {

@@ -2,7 +2,9 @@
 //! timeout, compression, CORS), and serving with graceful shutdown.
 
 pub mod api;
+pub(crate) mod conn;
 pub(crate) mod error;
+mod idle;
 pub(crate) mod redact;
 
 use crate::config::Config;

@@ -24,11 +24,13 @@ pub struct Setup {
     pub env: Vec<(String, String)>,
     /// Another polyrank binary (benchmarks compare builds); this build's by default.
     pub bin: Option<PathBuf>,
+    /// The server's open-file limit (`ulimit -n`, soft and hard), when set.
+    pub nofile: Option<u32>,
 }
 
 impl Setup {
     pub fn new(model: &Path, pool: &Path, cache: &Path) -> Self {
-        Setup { model: model.into(), pool: pool.into(), cache: cache.into(), args: vec![], env: vec![], bin: None }
+        Setup { model: model.into(), pool: pool.into(), cache: cache.into(), args: vec![], env: vec![], bin: None, nofile: None }
     }
     pub fn arg(mut self, a: &str, v: &str) -> Self {
         self.args.push(a.into());
@@ -43,6 +45,11 @@ impl Setup {
     pub fn store(self, dir: &Path) -> Self {
         self.arg("--store-dir", dir.to_str().expect("a UTF-8 path"))
     }
+    /// Runs the server under `ulimit -n n` (through bash, which then execs it: same pid).
+    pub fn nofile(mut self, n: u32) -> Self {
+        self.nofile = Some(n);
+        self
+    }
     pub fn binary(mut self, bin: &Path) -> Self {
         self.bin = Some(bin.into());
         self
@@ -51,7 +58,15 @@ impl Setup {
 
 impl Server {
     pub fn start(s: &Setup) -> Server {
-        let mut cmd = Command::new(s.bin.clone().unwrap_or_else(|| env!("CARGO_BIN_EXE_polyrank").into()));
+        let bin = s.bin.clone().unwrap_or_else(|| env!("CARGO_BIN_EXE_polyrank").into());
+        let mut cmd = match s.nofile {
+            Some(n) => {
+                let mut c = Command::new("bash");
+                c.arg("-c").arg(format!("ulimit -n {n} && exec \"$0\" \"$@\"")).arg(&bin);
+                c
+            }
+            None => Command::new(&bin),
+        };
         cmd.current_dir(env!("CARGO_MANIFEST_DIR"))
             .arg("serve")
             .args(["--host", "127.0.0.1", "--port", "0"])
@@ -97,7 +112,13 @@ impl Server {
             assert!(t0.elapsed() < Duration::from_secs(60), "server did not start listening");
             std::thread::sleep(Duration::from_millis(20));
         };
-        let client = reqwest::blocking::Client::builder().timeout(Duration::from_secs(120)).build().unwrap();
+        // Pooled connections are dropped before the server's keep-alive timeout (5 s by
+        // default) closes them: a request sent as the server closes would fail.
+        let client = reqwest::blocking::Client::builder()
+            .timeout(Duration::from_secs(120))
+            .pool_idle_timeout(Duration::from_secs(2))
+            .build()
+            .unwrap();
         Server { child, base: format!("http://{addr}"), logs, client }
     }
 
