@@ -81,13 +81,19 @@ impl Server {
             .env_remove("POLYRANK_API_KEY")
             .stdout(Stdio::null())
             .stderr(Stdio::piped());
-        // The live pool's store beside the cache, unless the test sets it (a baseline binary
-        // from before the store knows no such flag).
+        // The live pool's store beside the cache, unless the test sets it. A baseline binary
+        // gets it through the environment: one from before the store knows no such flag (and
+        // ignores the variable), and one with a store must not share the settings file's
+        // `store_dir` between pools (a store seeded by a 100k pool kept serving 100k rows when
+        // a later run asked for 10k).
         let store_given = s.args.iter().any(|a| a == "--store-dir") || s.env.iter().any(|(k, _)| k == "POLYRANK_STORE_DIR");
-        if s.bin.is_none() && !store_given {
+        if !store_given {
             let mut store = s.cache.clone().into_os_string();
             store.push("-store");
-            cmd.arg("--store-dir").arg(store);
+            match s.bin {
+                None => cmd.arg("--store-dir").arg(store),
+                Some(_) => cmd.env("POLYRANK_STORE_DIR", store),
+            };
         }
         for (k, v) in &s.env {
             cmd.env(k, v);
