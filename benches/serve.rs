@@ -304,7 +304,7 @@ fn filter_bench(dir: &Path, model: &Path, n: usize, d: i64, seconds: f64) -> Str
     let (full, filtered) = (median(&mut full), median(&mut filtered));
     // The scoring stage alone.
     let ranker = Ranker::load(model, Device::Cpu).unwrap();
-    let live = LivePool::new(cands, v.shallow_clone());
+    let live = LivePool::new(cands, v.shallow_clone(), polyrank::pool::meta::MetaLimits::default(), 256 << 20);
     let f = Filter::parse(&json!({"bucket": 7})).unwrap();
     let e = ranker.tokenize(&["what do you do for fun?".to_string()], TextKind::Context).unwrap();
     let codes = ranker.context_codes(&e, 1);

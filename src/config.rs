@@ -112,11 +112,57 @@ pub struct ServeArgs {
     #[arg(long, env = "POLYRANK_BODY_LIMIT_BYTES")]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub body_limit_bytes: Option<usize>,
+    /// Most object keys in one candidate's meta, all nesting levels counted (422 above).
+    #[arg(long, env = "POLYRANK_MAX_META_KEYS")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub max_meta_keys: Option<usize>,
+    /// Deepest nesting of a candidate's meta, the meta object being level 1 (422 deeper).
+    #[arg(long, env = "POLYRANK_MAX_META_DEPTH")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub max_meta_depth: Option<usize>,
+    /// Largest candidate meta, in bytes of compact JSON (422 above).
+    #[arg(long, env = "POLYRANK_MAX_META_BYTES")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub max_meta_bytes: Option<usize>,
+    /// Longest string in a candidate's meta, key or value, in characters (422 above).
+    #[arg(long, env = "POLYRANK_MAX_META_STRING_CHARS")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub max_meta_string_chars: Option<usize>,
+    /// Most memory the meta filter index may take, in (estimated) bytes; candidates past it are
+    /// not indexed and filters check them one by one (same results, slower).
+    #[arg(long, env = "POLYRANK_MAX_META_INDEX_BYTES")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub max_meta_index_bytes: Option<usize>,
+    /// Most bytes of ids, texts and meta one /rank answer may carry (return_text, return_meta);
+    /// a larger answer is refused with 422 (ask for a smaller top_k, or without them).
+    #[arg(long, env = "POLYRANK_MAX_RESPONSE_BYTES")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub max_response_bytes: Option<usize>,
+    /// Most open client connections served; past it, a small reserve answers only the health
+    /// probes (the oldest reserved connection is closed for a new one), so the process never
+    /// runs out of file descriptors. Must fit the open-file limit (ulimit -n) with headroom.
+    #[arg(long, env = "POLYRANK_MAX_CONNECTIONS")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub max_connections: Option<usize>,
+    /// Time a client has to send a request's headers, in milliseconds, counted from the
+    /// connection's opening (or, on a kept-alive connection, from the previous response);
+    /// the connection is closed past it.
+    #[arg(long, env = "POLYRANK_HEADER_READ_TIMEOUT_MS")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub header_read_timeout_ms: Option<u64>,
+    /// A connection with no request in flight and no bytes moving for this long, in
+    /// milliseconds, is closed (at most header_read_timeout_ms).
+    #[arg(long, env = "POLYRANK_KEEP_ALIVE_TIMEOUT_MS")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub keep_alive_timeout_ms: Option<u64>,
     /// Origins allowed by CORS; "*" allows any, empty disables CORS headers. Comma-separated.
     #[arg(long, env = "POLYRANK_CORS_ORIGINS", value_delimiter = ',')]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub cors_origins: Option<Vec<String>>,
-    /// When set, /rank and /encode require `Authorization: Bearer KEY` (or `x-api-key: KEY`).
+    /// When set, every route that reads or changes the model or the pool needs `Authorization:
+    /// Bearer KEY` (the scheme in any case) or `x-api-key: KEY`: POST /rank, POST /encode, POST
+    /// and DELETE /candidates, GET /candidates/{id}. /health/live, /health/ready, /info,
+    /// /metrics and /openapi.yaml stay open.
     #[arg(long, env = "POLYRANK_API_KEY", hide_env_values = true)]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub api_key: Option<String>,
@@ -168,6 +214,15 @@ pub struct Config {
     pub max_encode_texts: usize,
     pub max_text_chars: usize,
     pub body_limit_bytes: usize,
+    pub max_meta_keys: usize,
+    pub max_meta_depth: usize,
+    pub max_meta_bytes: usize,
+    pub max_meta_string_chars: usize,
+    pub max_meta_index_bytes: usize,
+    pub max_response_bytes: usize,
+    pub max_connections: usize,
+    pub header_read_timeout_ms: u64,
+    pub keep_alive_timeout_ms: u64,
     pub cors_origins: Vec<String>,
     #[serde(default, skip_serializing)]
     pub api_key: Option<String>,
@@ -206,6 +261,21 @@ impl Dtype {
             Dtype::Bfloat16 => tch::Kind::BFloat16,
         }
     }
+}
+
+/// Connections past `max_connections` that are still accepted, to answer health probes only.
+pub const PROBE_RESERVE: usize = 16;
+/// File descriptors the process holds besides client connections: 14 measured in a ready
+/// server (stdio, epoll, the listener, the store's log and lock, libtorch); the rest is room
+/// for what it opens now and then (a compaction's snapshot, the pool cache, /proc reads).
+const FD_HEADROOM: u64 = 128;
+
+/// The soft open-file limit (RLIMIT_NOFILE), when there is one.
+fn open_file_limit() -> Option<u64> {
+    let mut r = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
+    // SAFETY: getrlimit writes the struct it is given and nothing else.
+    let ok = unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut r) } == 0;
+    (ok && r.rlim_cur != libc::RLIM_INFINITY).then_some(r.rlim_cur as u64)
 }
 
 /// More intra-op threads than this many per core only adds contention (and each costs
@@ -248,6 +318,15 @@ impl Config {
             ("request_timeout_ms", self.request_timeout_ms as usize),
             ("cache_keep", self.cache_keep),
             ("store_compact_bytes", self.store_compact_bytes as usize),
+            ("max_meta_keys", self.max_meta_keys),
+            ("max_meta_depth", self.max_meta_depth),
+            ("max_meta_bytes", self.max_meta_bytes),
+            ("max_meta_string_chars", self.max_meta_string_chars),
+            ("max_meta_index_bytes", self.max_meta_index_bytes),
+            ("max_response_bytes", self.max_response_bytes),
+            ("max_connections", self.max_connections),
+            ("header_read_timeout_ms", self.header_read_timeout_ms as usize),
+            ("keep_alive_timeout_ms", self.keep_alive_timeout_ms as usize),
         ] {
             anyhow::ensure!(value >= 1, "{name} must be at least 1 (0 would refuse every request or disable the limit)");
         }
@@ -267,8 +346,38 @@ impl Config {
                 .parse::<tokio_postgres::Config>()
                 .map_err(|e| anyhow::anyhow!("store_url is not a valid PostgreSQL connection string: {e}"))?;
         }
+        anyhow::ensure!(
+            self.keep_alive_timeout_ms <= self.header_read_timeout_ms,
+            "keep_alive_timeout_ms = {} is more than header_read_timeout_ms = {}: hyper's header timer also runs while a kept-alive connection waits for its next request, so the idle time could never reach it",
+            self.keep_alive_timeout_ms,
+            self.header_read_timeout_ms
+        );
+        self.check_open_files()?;
         self.device()?;
         Ok(())
+    }
+
+    /// Every connection the server may hold is a file descriptor: the cap, the probes'
+    /// reserve and what the process itself opens must fit the open-file limit, or accepting
+    /// fails with EMFILE and the probes go unanswered.
+    fn check_open_files(&self) -> Result<()> {
+        let Some(limit) = open_file_limit() else { return Ok(()) };
+        let needed = self.max_connections as u64 + PROBE_RESERVE as u64 + FD_HEADROOM;
+        anyhow::ensure!(
+            needed <= limit,
+            "max_connections = {} needs {needed} file descriptors ({PROBE_RESERVE} more for the health probes' reserve and {FD_HEADROOM} for the process), but the open-file limit is {limit} (ulimit -n): lower max_connections or raise the limit",
+            self.max_connections
+        );
+        Ok(())
+    }
+
+    pub fn meta_limits(&self) -> crate::pool::meta::MetaLimits {
+        crate::pool::meta::MetaLimits {
+            keys: self.max_meta_keys,
+            depth: self.max_meta_depth,
+            bytes: self.max_meta_bytes,
+            string_chars: self.max_meta_string_chars,
+        }
     }
 
     /// Checks that need the model's settings: one context and one candidate of the longest

@@ -22,6 +22,13 @@ pub(crate) const STORE_COMPACTIONS: &str = "polyrank_store_compactions_total";
 pub(crate) const STORE_CONNECTED: &str = "polyrank_store_connected";
 /// 0 while this replica is caught up with the store, else seconds since it last was.
 pub(crate) const STORE_LAG_SECONDS: &str = "polyrank_store_lag_seconds";
+/// The meta filter index's estimated size, and the candidates it leaves to direct checks.
+pub(crate) const META_INDEX_BYTES: &str = "polyrank_meta_index_bytes";
+pub(crate) const META_UNINDEXED: &str = "polyrank_meta_unindexed_candidates";
+/// Open client connections, label `kind`: served, probe_reserve.
+pub(crate) const CONNECTIONS: &str = "polyrank_open_connections";
+/// Connections closed by the server, label `why`: reserve_evicted, idle.
+pub(crate) const CONNECTIONS_CLOSED: &str = "polyrank_connections_closed_total";
 
 const LATENCY_BUCKETS: &[f64] =
     &[0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0];
@@ -47,6 +54,10 @@ pub(crate) fn install() -> anyhow::Result<PrometheusHandle> {
     metrics::describe_counter!(STORE_COMPACTIONS, "Snapshots written by the store");
     metrics::describe_gauge!(STORE_CONNECTED, "1 while the store can be reached");
     metrics::describe_gauge!(STORE_LAG_SECONDS, "Seconds since this replica was last caught up with the store (0 when it is)");
+    metrics::describe_gauge!(META_INDEX_BYTES, "Estimated bytes of the meta filter index");
+    metrics::describe_gauge!(META_UNINDEXED, "Candidates whose meta is not indexed (over the limits or the index budget); filters check them directly");
+    metrics::describe_gauge!(CONNECTIONS, "Open client connections, by kind (served, probe_reserve)");
+    metrics::describe_counter!(CONNECTIONS_CLOSED, "Connections closed by the server, by reason (idle, reserve_evicted)");
     metrics::counter!(POOL_ENCODED).absolute(0);
     Ok(handle)
 }

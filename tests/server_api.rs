@@ -209,7 +209,7 @@ fn every_bad_request_gets_its_documented_error() {
     c.check("/rank", "post", 413, "application/json", &v);
     // The server does not read a body it refuses and closes that connection; a client that
     // reuses it may see it closed mid-request, so go on with a fresh client.
-    s.client = reqwest::blocking::Client::builder().timeout(std::time::Duration::from_secs(120)).build().unwrap();
+    s.client = reqwest::blocking::Client::builder().timeout(std::time::Duration::from_secs(120)).pool_idle_timeout(std::time::Duration::from_secs(2)).build().unwrap();
     // Unknown route and method: JSON errors too.
     let r = s.client.get(s.url("/nope")).send().unwrap();
     assert_eq!(r.status().as_u16(), 404);

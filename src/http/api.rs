@@ -202,7 +202,7 @@ pub async fn ready(State(state): State<Arc<AppState>>) -> Response {
     };
     let mut body = serde_json::json!({"status": status, "encoded": encoded, "total": total});
     if let Some(f) = s.failure() {
-        body["error"] = f.into();
+        body["error"] = super::redact::paths(&f).into();
     } else if let Some(p) = s.phase().filter(|_| !s.is_ready()) {
         body["phase"] = p.into();
     }
@@ -212,6 +212,10 @@ pub async fn ready(State(state): State<Arc<AppState>>) -> Response {
 pub async fn info(State(state): State<Arc<AppState>>) -> Json<serde_json::Value> {
     let s = state.infer.status();
     let mut v = serde_json::to_value(s.info()).unwrap_or_default();
+    if let Some(dir) = v["model_dir"].as_str() {
+        v["model_dir"] = super::redact::paths(dir).into();
+    }
+    v["meta_index"] = serde_json::to_value(s.index()).unwrap_or_default();
     v["version"] = env!("CARGO_PKG_VERSION").into();
     v["pool_size"] = if s.is_ready() { s.pool_size() } else { s.progress().1 }.into();
     v["ready"] = s.is_ready().into();
@@ -234,6 +238,11 @@ pub async fn info(State(state): State<Arc<AppState>>) -> Json<serde_json::Value>
         "approx_preselect": state.config.approx_preselect,
         "max_request_tokens": state.config.max_request_tokens,
         "body_limit_bytes": state.config.body_limit_bytes,
+        "max_meta_keys": state.config.max_meta_keys,
+        "max_meta_depth": state.config.max_meta_depth,
+        "max_meta_bytes": state.config.max_meta_bytes,
+        "max_meta_string_chars": state.config.max_meta_string_chars,
+        "max_response_bytes": state.config.max_response_bytes,
     });
     Json(v)
 }

@@ -27,6 +27,8 @@ pub enum ApiError {
     MethodNotAllowed,
     #[error("server is busy: the request queue is full, retry shortly")]
     Overloaded,
+    #[error("the server is at its connection limit (max_connections): only the health probes are answered on this connection; retry shortly")]
+    ConnectionLimit,
     #[error("not ready: {0}")]
     NotReady(String),
     #[error("the request exceeded its time budget")]
@@ -50,7 +52,7 @@ impl ApiError {
             ApiError::NotFound | ApiError::NoSuchCandidate(_) => StatusCode::NOT_FOUND,
             ApiError::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
             ApiError::Overloaded => StatusCode::TOO_MANY_REQUESTS,
-            ApiError::NotReady(_) | ApiError::Timeout | ApiError::StoreUnavailable(_) | ApiError::Behind(_) => StatusCode::SERVICE_UNAVAILABLE,
+            ApiError::NotReady(_) | ApiError::Timeout | ApiError::ConnectionLimit | ApiError::StoreUnavailable(_) | ApiError::Behind(_) => StatusCode::SERVICE_UNAVAILABLE,
             ApiError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
         }
     }
@@ -64,7 +66,7 @@ impl ApiError {
             ApiError::Unauthorized => "unauthorized",
             ApiError::NotFound | ApiError::NoSuchCandidate(_) => "not_found",
             ApiError::MethodNotAllowed => "method_not_allowed",
-            ApiError::Overloaded => "overloaded",
+            ApiError::Overloaded | ApiError::ConnectionLimit => "overloaded",
             ApiError::NotReady(_) => "not_ready",
             ApiError::Timeout => "timeout",
             ApiError::StoreUnavailable(_) => "store_unavailable",
@@ -76,9 +78,13 @@ impl ApiError {
 
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
-        let mut res = (self.status(), Json(json!({"error": self.to_string(), "error_type": self.error_type()})))
-            .into_response();
-        if matches!(self, ApiError::Overloaded | ApiError::StoreUnavailable(_) | ApiError::Behind(_)) {
+        // Failures of the process (a store, a model directory) may name the host's paths.
+        let message = match &self {
+            ApiError::NotReady(_) | ApiError::Internal(_) => super::redact::paths(&self.to_string()),
+            _ => self.to_string(),
+        };
+        let mut res = (self.status(), Json(json!({"error": message, "error_type": self.error_type()}))).into_response();
+        if matches!(self, ApiError::Overloaded | ApiError::ConnectionLimit | ApiError::StoreUnavailable(_) | ApiError::Behind(_)) {
             res.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
         }
         if matches!(self, ApiError::Unauthorized) {

@@ -2,7 +2,10 @@
 //! timeout, compression, CORS), and serving with graceful shutdown.
 
 pub mod api;
+pub(crate) mod conn;
 pub(crate) mod error;
+mod idle;
+pub(crate) mod redact;
 
 use crate::config::Config;
 use crate::infer::Infer;
@@ -98,23 +101,28 @@ fn cors(origins: &[String]) -> CorsLayer {
         .allow_headers([header::CONTENT_TYPE, header::AUTHORIZATION, HeaderName::from_static("x-api-key")])
 }
 
-/// With an API key configured, /rank and /encode need `Authorization: Bearer KEY` or
-/// `x-api-key: KEY`; probes, /info and /metrics stay open.
+/// With an API key configured, the routes of `protected` in `router` (/rank, /encode,
+/// /candidates, /candidates/{id}) need `Authorization: Bearer KEY` or `x-api-key: KEY`;
+/// probes, /info, /metrics and /openapi.yaml stay open.
 async fn require_api_key(State(state): State<Arc<AppState>>, req: Request, next: Next) -> Response {
     let Some(key) = state.config.api_key.as_deref().filter(|k| !k.is_empty()) else {
         return next.run(req).await;
     };
     let h = req.headers();
-    let bearer = h
-        .get(header::AUTHORIZATION)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer "));
+    let bearer = h.get(header::AUTHORIZATION).and_then(|v| v.to_str().ok()).and_then(bearer_token);
     let plain = h.get("x-api-key").and_then(|v| v.to_str().ok());
     if [bearer, plain].into_iter().flatten().any(|given| constant_time_eq(given.as_bytes(), key.as_bytes())) {
         next.run(req).await
     } else {
         ApiError::Unauthorized.into_response()
     }
+}
+
+/// The token of a `Bearer` credential; the scheme is case-insensitive (RFC 7235 §2.1) and one
+/// or more spaces separate it from the token.
+fn bearer_token(v: &str) -> Option<&str> {
+    let (scheme, token) = v.split_once(' ')?;
+    scheme.eq_ignore_ascii_case("bearer").then(|| token.trim_start_matches(' ')).filter(|t| !t.is_empty())
 }
 
 fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
@@ -171,4 +179,19 @@ pub async fn shutdown_signal() {
     };
     tokio::select! { _ = ctrl_c => {}, _ = term => {} }
     tracing::info!("shutdown signal received, draining in-flight requests");
+}
+
+#[cfg(test)]
+mod tests {
+    use super::bearer_token;
+
+    #[test]
+    fn the_bearer_scheme_is_case_insensitive() {
+        for v in ["Bearer k1", "bearer k1", "BEARER k1", "bEaReR   k1"] {
+            assert_eq!(bearer_token(v), Some("k1"), "{v}");
+        }
+        for v in ["Basic k1", "Bearerk1", "Bearer", "Bearer ", "k1"] {
+            assert_eq!(bearer_token(v), None, "{v}");
+        }
+    }
 }

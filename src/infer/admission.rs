@@ -2,6 +2,7 @@
 //! per-request budget (`max_request_tokens`). Refusals are `InferError::Validation` (422).
 
 use super::InferError;
+use crate::pool::meta::{violation, MetaLimits};
 use crate::pool::store::Candidate;
 
 fn check_text(what: &str, t: &str, max_chars: usize) -> Result<(), InferError> {
@@ -78,22 +79,49 @@ pub(super) fn check_ids(what: &str, ids: &[String], max: usize) -> Result<(), In
 /// Longest accepted candidate id, in characters.
 pub(super) const MAX_ID_CHARS: usize = 256;
 
-/// A batch of candidates to upsert: ids valid and unique, texts valid, meta an object.
-pub(super) fn check_candidates(cands: &[Candidate], max_items: usize, max_chars: usize) -> Result<(), InferError> {
+/// Characters an id may not hold: control characters (Unicode Cc: NUL, newlines, escape, C1),
+/// the line and paragraph separators, and the bidirectional formatting characters (LRM, RLM,
+/// ALM, the embeddings, overrides and isolates), which make an id display as another one in
+/// logs and consoles. openapi.yaml's `Candidate.id` pattern lists the same set.
+fn forbidden_in_id(c: char) -> bool {
+    c.is_control() || matches!(c, '\u{061C}' | '\u{200E}' | '\u{200F}' | '\u{2028}'..='\u{202E}' | '\u{2066}'..='\u{2069}')
+}
+
+/// A new candidate's id: 1 to `MAX_ID_CHARS` printable characters, not blank.
+fn check_id(i: usize, id: &str) -> Result<(), InferError> {
+    if id.trim().is_empty() || id.chars().count() > MAX_ID_CHARS {
+        return Err(InferError::Validation(format!("candidates[{i}].id must be 1 to {MAX_ID_CHARS} characters, not blank")));
+    }
+    if let Some(c) = id.chars().find(|&c| forbidden_in_id(c)) {
+        return Err(InferError::Validation(format!(
+            "candidates[{i}].id holds U+{:04X}: ids may not hold control characters, line separators or bidirectional formatting characters",
+            c as u32
+        )));
+    }
+    Ok(())
+}
+
+/// A batch of candidates to upsert: ids valid and unique, texts valid, meta an object within
+/// `limits`. One candidate over a limit refuses the whole batch: nothing is applied.
+pub(super) fn check_candidates(cands: &[Candidate], max_items: usize, max_chars: usize, limits: &MetaLimits) -> Result<(), InferError> {
     if cands.is_empty() || cands.len() > max_items {
         return Err(InferError::Validation(format!("candidates must hold between 1 and {max_items} candidates, got {}", cands.len())));
     }
     let mut seen = std::collections::HashSet::with_capacity(cands.len());
     for (i, c) in cands.iter().enumerate() {
-        if c.id.trim().is_empty() || c.id.chars().count() > MAX_ID_CHARS {
-            return Err(InferError::Validation(format!("candidates[{i}].id must be 1 to {MAX_ID_CHARS} characters, not blank")));
-        }
+        check_id(i, &c.id)?;
         if !seen.insert(c.id.as_str()) {
             return Err(InferError::Validation(format!("id {:?} is given more than once", c.id)));
         }
         check_text(&format!("candidates[{i}].text"), &c.text, max_chars)?;
-        if c.meta.as_ref().is_some_and(|m| !m.is_object()) {
-            return Err(InferError::Validation(format!("candidates[{i}].meta must be an object")));
+        match &c.meta {
+            Some(m) if !m.is_object() => return Err(InferError::Validation(format!("candidates[{i}].meta must be an object"))),
+            Some(m) => {
+                if let Some(e) = violation(&format!("candidates[{i}].meta"), m, limits) {
+                    return Err(InferError::Validation(e));
+                }
+            }
+            None => {}
         }
     }
     Ok(())

@@ -162,7 +162,7 @@ impl Infer {
         if let Target::Inline(cands) = &target {
             within_budget(c.max_request_tokens, context.get_ids().len() + cost(cands), false)?;
         }
-        let want = Want { text: q.return_text, meta: q.return_meta };
+        let want = Want { text: q.return_text, meta: q.return_meta, budget: c.max_response_bytes };
         let hits = match self.run(Work::Rank { context, target, top_k, want }, started).await? {
             Output::Hits(hits) => hits.into_iter().map(|h| Hit { id: h.id, score: h.score, text: h.text, meta: h.meta }).collect(),
             // Inline candidates: ids are positions in the request.

@@ -23,11 +23,13 @@ pub(crate) enum Target {
     Approximate(i64),
 }
 
-/// What a pool hit carries besides id and score.
-#[derive(Clone, Copy, Default)]
+/// What a pool hit carries besides id and score, and the most bytes of ids, texts and meta
+/// the answer may carry (`max_response_bytes`).
+#[derive(Clone, Copy)]
 pub(crate) struct Want {
     pub(crate) text: bool,
     pub(crate) meta: bool,
+    pub(crate) budget: usize,
 }
 
 pub(crate) enum Work {

@@ -6,7 +6,7 @@ use super::worker::Worker;
 use crate::metrics as m;
 use crate::pool::cache::PoolCache;
 use crate::pool::live::LivePool;
-use crate::pool::store::{vectors_key, Durable, Encoder};
+use crate::pool::store::{vectors_key, Candidate, Durable, Encoder};
 use crate::pool::Pool;
 use crate::text::TextKind;
 use anyhow::Result;
@@ -21,6 +21,7 @@ impl Worker {
         let mut opening = Opening { worker: self, cache: None };
         let (pool, seq) = store.open(&files, &key, &mut opening)?;
         let cache = opening.cache;
+        warn_over_limits(&pool, &self.config.meta_limits());
         let kind = if self.config.fp16_candidates { Kind::Half } else { Kind::Float };
         Ok((pool.to(self.ranker.model.device, kind), seq, cache))
     }
@@ -111,4 +112,28 @@ impl Encoder for Opening<'_> {
     fn stopping(&self) -> bool {
         self.worker.status.stopping()
     }
+
+    fn pool(&self, candidates: Vec<Candidate>, vectors: Tensor) -> LivePool {
+        let c = &self.worker.config;
+        LivePool::new(candidates, vectors, c.meta_limits(), c.max_meta_index_bytes)
+    }
+}
+
+/// Meta over today's limits (written by an older version, or in the pool files) is kept and
+/// served; it is only left out of the index (filters check it directly). Said once, at start.
+fn warn_over_limits(pool: &LivePool, limits: &crate::pool::meta::MetaLimits) {
+    let over: Vec<(&str, String)> = pool
+        .candidates()
+        .iter()
+        .filter_map(|c| c.meta.as_ref().and_then(|m| crate::pool::meta::violation("meta", m, limits)).map(|e| (c.id.as_str(), e)))
+        .collect();
+    if let Some((id, why)) = over.first() {
+        tracing::warn!(
+            candidates = over.len(),
+            first = %id,
+            "candidates whose meta is over the meta limits were kept (first: {why}); their meta is not indexed and filters check them one by one. New writes over the limits are refused."
+        );
+    }
+    let stats = pool.index_stats();
+    tracing::info!(bytes = stats.bytes, fields = stats.fields, unindexed = stats.unindexed, "meta index built");
 }

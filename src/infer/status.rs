@@ -1,7 +1,9 @@
 //! What the rest of the process may know about the inference thread: startup progress,
 //! readiness or the failure that ended it, the model's facts and the pool's size.
 
+use crate::metrics as m;
 use crate::model::format::Mode;
+use crate::pool::filter::IndexStats;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use crate::pool::store::StoreHealth;
 use std::sync::{Mutex, OnceLock};
@@ -31,6 +33,7 @@ pub struct Status {
     failure: Mutex<Option<String>>,
     info: OnceLock<ModelInfo>,
     pool_size: AtomicUsize,
+    index: Mutex<IndexStats>,
     /// Set at shutdown: the inference thread stops at its next chunk boundary.
     stopping: AtomicBool,
     /// What the start waits for now (another replica seeding, the database), if anything.
@@ -98,6 +101,11 @@ impl Status {
         *self.store.lock().unwrap() = Some(h);
     }
 
+    /// The meta index's size, as of the last write.
+    pub fn index(&self) -> IndexStats {
+        *self.index.lock().unwrap()
+    }
+
     pub(super) fn stopping(&self) -> bool {
         self.stopping.load(Ordering::Acquire)
     }
@@ -110,6 +118,11 @@ impl Status {
     }
     pub(super) fn set_pool_size(&self, n: usize) {
         self.pool_size.store(n, Ordering::Release);
+    }
+    pub(super) fn set_index(&self, s: IndexStats) {
+        metrics::gauge!(m::META_INDEX_BYTES).set(s.bytes as f64);
+        metrics::gauge!(m::META_UNINDEXED).set(s.unindexed as f64);
+        *self.index.lock().unwrap() = s;
     }
     pub(super) fn set_info(&self, info: ModelInfo) {
         self.info.set(info).ok();

@@ -95,7 +95,8 @@ pub(super) fn spawn(config: &Config, rx: Receiver<Job>, status: Arc<Status>, sto
             max_batch_tokens: config.max_batch_tokens,
             max_wait: Duration::from_millis(config.max_wait_ms),
         };
-        let pool = LivePool::new(Vec::new(), Tensor::zeros([0, ranker.model.dim()], (Kind::Float, device)));
+        let empty = Tensor::zeros([0, ranker.model.dim()], (Kind::Float, device));
+        let pool = LivePool::new(Vec::new(), empty, config.meta_limits(), config.max_meta_index_bytes);
         let worker = Worker {
             ranker,
             config,
@@ -388,6 +389,7 @@ impl Worker {
         metrics::gauge!(m::POOL_SIZE).set(self.pool.len() as f64);
         self.status.set_pool_size(self.pool.len());
         self.status.set_pool_digest(self.pool.digest());
+        self.status.set_index(self.pool.index_stats());
     }
 }
 

@@ -22,7 +22,7 @@ impl Infer {
         let started = Instant::now();
         self.ensure_ready()?;
         let c = &self.config;
-        check_candidates(&candidates, c.max_encode_texts, c.max_text_chars)?;
+        check_candidates(&candidates, c.max_encode_texts, c.max_text_chars, &c.meta_limits())?;
         let (_, max_cand) = self.lengths();
         within_budget(c.max_request_tokens, candidates.iter().map(|x| least_tokens(&x.text, max_cand)).sum(), true)?;
         let texts = self.tokenize(candidates.iter().map(|x| x.text.clone()).collect(), TextKind::Candidate).await?;

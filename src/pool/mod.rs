@@ -3,6 +3,7 @@
 pub mod cache;
 pub mod filter;
 pub mod live;
+pub mod meta;
 pub mod store;
 
 

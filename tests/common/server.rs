@@ -24,11 +24,13 @@ pub struct Setup {
     pub env: Vec<(String, String)>,
     /// Another polyrank binary (benchmarks compare builds); this build's by default.
     pub bin: Option<PathBuf>,
+    /// The server's open-file limit (`ulimit -n`, soft and hard), when set.
+    pub nofile: Option<u32>,
 }
 
 impl Setup {
     pub fn new(model: &Path, pool: &Path, cache: &Path) -> Self {
-        Setup { model: model.into(), pool: pool.into(), cache: cache.into(), args: vec![], env: vec![], bin: None }
+        Setup { model: model.into(), pool: pool.into(), cache: cache.into(), args: vec![], env: vec![], bin: None, nofile: None }
     }
     pub fn arg(mut self, a: &str, v: &str) -> Self {
         self.args.push(a.into());
@@ -43,6 +45,11 @@ impl Setup {
     pub fn store(self, dir: &Path) -> Self {
         self.arg("--store-dir", dir.to_str().expect("a UTF-8 path"))
     }
+    /// Runs the server under `ulimit -n n` (through bash, which then execs it: same pid).
+    pub fn nofile(mut self, n: u32) -> Self {
+        self.nofile = Some(n);
+        self
+    }
     pub fn binary(mut self, bin: &Path) -> Self {
         self.bin = Some(bin.into());
         self
@@ -51,7 +58,15 @@ impl Setup {
 
 impl Server {
     pub fn start(s: &Setup) -> Server {
-        let mut cmd = Command::new(s.bin.clone().unwrap_or_else(|| env!("CARGO_BIN_EXE_polyrank").into()));
+        let bin = s.bin.clone().unwrap_or_else(|| env!("CARGO_BIN_EXE_polyrank").into());
+        let mut cmd = match s.nofile {
+            Some(n) => {
+                let mut c = Command::new("bash");
+                c.arg("-c").arg(format!("ulimit -n {n} && exec \"$0\" \"$@\"")).arg(&bin);
+                c
+            }
+            None => Command::new(&bin),
+        };
         cmd.current_dir(env!("CARGO_MANIFEST_DIR"))
             .arg("serve")
             .args(["--host", "127.0.0.1", "--port", "0"])
@@ -66,13 +81,19 @@ impl Server {
             .env_remove("POLYRANK_API_KEY")
             .stdout(Stdio::null())
             .stderr(Stdio::piped());
-        // The live pool's store beside the cache, unless the test sets it (a baseline binary
-        // from before the store knows no such flag).
+        // The live pool's store beside the cache, unless the test sets it. A baseline binary
+        // gets it through the environment: one from before the store knows no such flag (and
+        // ignores the variable), and one with a store must not share the settings file's
+        // `store_dir` between pools (a store seeded by a 100k pool kept serving 100k rows when
+        // a later run asked for 10k).
         let store_given = s.args.iter().any(|a| a == "--store-dir") || s.env.iter().any(|(k, _)| k == "POLYRANK_STORE_DIR");
-        if s.bin.is_none() && !store_given {
+        if !store_given {
             let mut store = s.cache.clone().into_os_string();
             store.push("-store");
-            cmd.arg("--store-dir").arg(store);
+            match s.bin {
+                None => cmd.arg("--store-dir").arg(store),
+                Some(_) => cmd.env("POLYRANK_STORE_DIR", store),
+            };
         }
         for (k, v) in &s.env {
             cmd.env(k, v);
@@ -97,7 +118,13 @@ impl Server {
             assert!(t0.elapsed() < Duration::from_secs(60), "server did not start listening");
             std::thread::sleep(Duration::from_millis(20));
         };
-        let client = reqwest::blocking::Client::builder().timeout(Duration::from_secs(120)).build().unwrap();
+        // Pooled connections are dropped before the server's keep-alive timeout (5 s by
+        // default) closes them: a request sent as the server closes would fail.
+        let client = reqwest::blocking::Client::builder()
+            .timeout(Duration::from_secs(120))
+            .pool_idle_timeout(Duration::from_secs(2))
+            .build()
+            .unwrap();
         Server { child, base: format!("http://{addr}"), logs, client }
     }
 

@@ -80,13 +80,13 @@ impl Durable for FileStore {
                 let seed = Pool::load(files)?;
                 let v = enc.seed(&seed)?;
                 tracing::info!(candidates = seed.len(), "seeding the store from the pool files");
-                (LivePool::new(from_files(seed), v), 0, true)
+                (enc.pool(from_files(seed), v), 0, true)
             }
             Some(s) => {
                 let h = &s.header;
                 anyhow::ensure!(h.d as i64 == enc.dim() || h.vectors_key != key, "the store's snapshot holds {}-d vectors for this model", h.d);
                 let v = Tensor::from_slice(&s.vectors).view([h.n as i64, h.d as i64]);
-                (LivePool::new(s.candidates.clone(), v), h.last_seq, false)
+                (enc.pool(s.candidates.clone(), v), h.last_seq, false)
             }
         };
         let mut seq = last_seq;
@@ -106,7 +106,8 @@ impl Durable for FileStore {
             tracing::warn!("the model changed since the store was written: encoding every candidate again");
             let cands = pool.candidates().to_vec();
             let texts: Vec<String> = cands.iter().map(|c| c.text.clone()).collect();
-            pool = LivePool::new(cands, enc.encode(&texts)?);
+            let v = enc.encode(&texts)?;
+            pool = enc.pool(cands, v);
             changed = true;
         }
         if snapshot.as_ref().is_some_and(|s| s.header.seed_hash != self.seed_hash) {

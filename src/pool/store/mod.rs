@@ -113,6 +113,9 @@ pub trait Encoder {
     fn dim(&self) -> i64;
     /// The server is shutting down: stop waiting.
     fn stopping(&self) -> bool;
+    /// A pool of these candidates and vectors (`[n, d]`, fp32, CPU), with the server's
+    /// bounds on its meta index.
+    fn pool(&self, candidates: Vec<Candidate>, vectors: tch::Tensor) -> LivePool;
 }
 
 /// Where the pool's writes are kept. Chosen once, where the server is assembled

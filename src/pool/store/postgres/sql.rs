@@ -73,7 +73,7 @@ async fn open(client: &mut Client, files: &[PathBuf], key: &str, enc: &mut dyn E
     }
     enc.phase("loading the pool from the shared store");
     let t0 = std::time::Instant::now();
-    let (mut pool, seq, missing) = load(client, key, enc.dim()).await?;
+    let (mut pool, seq, missing) = load(client, key, enc).await?;
     tracing::info!(candidates = pool.len(), seq, ms = t0.elapsed().as_millis() as u64, "pool loaded from the shared store");
     if !missing.is_empty() {
         enc.phase("encoding the candidates this model has no vectors for");
@@ -121,7 +121,8 @@ async fn open(client: &mut Client, files: &[PathBuf], key: &str, enc: &mut dyn E
 
 /// The pool as of the head, in one consistent snapshot: the candidates, their vectors for
 /// `key` (zeros where there are none), those rows with their seq, and the head's seq.
-async fn load(client: &mut Client, key: &str, d: i64) -> Result<(LivePool, u64, Vec<(usize, u64)>)> {
+async fn load(client: &mut Client, key: &str, enc: &dyn Encoder) -> Result<(LivePool, u64, Vec<(usize, u64)>)> {
+    let d = enc.dim();
     let tx = client.build_transaction().isolation_level(tokio_postgres::IsolationLevel::RepeatableRead).read_only(true).start().await?;
     let seq: i64 = tx.query_one("SELECT seq FROM polyrank_head", &[]).await?.get(0);
     let rows = tx
@@ -149,7 +150,7 @@ async fn load(client: &mut Client, key: &str, d: i64) -> Result<(LivePool, u64, 
         }
     }
     let n = cands.len() as i64;
-    Ok((LivePool::new(cands, tch::Tensor::from_slice(&flat).view([n, d])), seq as u64, missing))
+    Ok((enc.pool(cands, tch::Tensor::from_slice(&flat).view([n, d])), seq as u64, missing))
 }
 
 /// One write, all or nothing: the counter row first (so commits serialise in seq order),
