@@ -31,6 +31,11 @@ use std::time::{Duration, Instant};
 use tokenizers::Encoding;
 pub use worker::Inference;
 
+/// How long a `min_seq` beyond every seq a shared-store replica has heard of may wait for
+/// the notification of its commit: notifications arrive within milliseconds, and a missed
+/// one is caught by the follower's 250 ms poll.
+const NOT_HEARD_GRACE: Duration = Duration::from_secs(2);
+
 /// Why a request got no answer; the HTTP layer maps each to a status code.
 #[derive(Debug, thiserror::Error)]
 pub enum InferError {
@@ -214,19 +219,37 @@ impl Infer {
     }
 
     /// Waits until this replica has applied the store's changes up to `min_seq`, within the
-    /// request's time budget.
+    /// request's time budget. A `min_seq` that names no committed write (beyond the highest
+    /// seq this replica has heard of, still after `NOT_HEARD_GRACE`) is answered at once: no
+    /// write of this seq exists, so waiting could only end in the same 503.
     pub(super) async fn wait_applied(&self, min_seq: u64, started: Instant) -> Result<(), InferError> {
         let deadline = started + Duration::from_millis(self.config.request_timeout_ms);
         let mut rx = self.status.applied();
-        let reached = tokio::time::timeout_at(deadline.into(), rx.wait_for(|&s| s >= min_seq)).await.is_ok_and(|r| r.is_ok());
+        let heard = || self.status.store_health().map_or(0, |h| h.head_seq);
+        // The local store hears of a write when it is applied; a shared one within a
+        // notification (or a 250 ms poll) of its commit.
+        let grace = match self.status.store_health() {
+            Some(h) if h.kind == "local" => Duration::ZERO,
+            _ => NOT_HEARD_GRACE,
+        };
+        let first = deadline.min(Instant::now() + grace);
+        let mut reached = tokio::time::timeout_at(first.into(), rx.wait_for(|&s| s >= min_seq)).await.is_ok_and(|r| r.is_ok());
+        if !reached && heard() >= min_seq {
+            reached = tokio::time::timeout_at(deadline.into(), rx.wait_for(|&s| s >= min_seq)).await.is_ok_and(|r| r.is_ok());
+        }
         if reached {
             return Ok(());
         }
         let at = *rx.borrow();
-        Err(InferError::Behind(format!(
-            "this replica has applied the store's changes up to seq {at}, not yet min_seq {min_seq}, within the request's time budget ({} ms); retry shortly",
-            self.config.request_timeout_ms
-        )))
+        let latest = heard();
+        Err(InferError::Behind(if latest < min_seq {
+            format!("no write with seq {min_seq} is known to this replica (the latest it knows of is {latest}, applied up to {at}); min_seq should come from a write's answer")
+        } else {
+            format!(
+                "this replica has applied the store's changes up to seq {at}, not yet min_seq {min_seq}, within the request's time budget ({} ms); retry shortly",
+                self.config.request_timeout_ms
+            )
+        }))
     }
 
     pub(super) fn lengths(&self) -> (usize, usize) {

@@ -164,7 +164,7 @@ impl Durable for FileStore {
     }
 
     fn health(&self) -> StoreHealth {
-        StoreHealth { kind: "local", connected: true, lag_seconds: 0.0 }
+        StoreHealth { kind: "local", connected: true, lag_seconds: 0.0, head_seq: self.seq }
     }
 
     fn finish(&mut self) {

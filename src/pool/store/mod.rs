@@ -98,6 +98,9 @@ pub struct StoreHealth {
     /// How far behind the store this replica may be: 0 while it is caught up, else the
     /// seconds since it last was.
     pub lag_seconds: f64,
+    /// The highest seq this replica knows was committed (applied or not yet): a `min_seq`
+    /// beyond it names no write that exists yet.
+    pub head_seq: u64,
 }
 
 /// What opening the store needs from the model's owner: vectors for texts.

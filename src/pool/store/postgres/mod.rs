@@ -19,7 +19,7 @@ use super::{Durable, Encoder, Event, Op, StoreError, StoreHealth};
 use crate::pool::live::LivePool;
 use anyhow::{Context, Result};
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{mpsc as std_mpsc, Arc, Mutex};
 use std::time::{Duration, Instant};
 use tokio::sync::mpsc;
@@ -54,6 +54,8 @@ enum Cmd {
 
 #[derive(Default)]
 struct Health {
+    /// The highest seq seen in a notification or a read of the changes.
+    heard: AtomicU64,
     connected: AtomicBool,
     caught_up: AtomicBool,
     last_caught_up: Mutex<Option<Instant>>,
@@ -64,6 +66,9 @@ impl Health {
         *self.last_caught_up.lock().unwrap() = Some(Instant::now());
         self.caught_up.store(true, Ordering::Release);
         self.connected.store(true, Ordering::Release);
+    }
+    fn heard(&self, seq: u64) {
+        self.heard.fetch_max(seq, Ordering::AcqRel);
     }
     fn lost(&self) {
         self.connected.store(false, Ordering::Release);
@@ -162,6 +167,7 @@ impl Durable for PgStore {
             Ok((opened.0, opened.1, client))
         })?;
         self.health.caught_up_now();
+        self.health.heard(seq);
         tracing::info!(store = %self.target, candidates = pool.len(), seq, "shared store open");
         // The writer keeps the opening connection; the follower opens its own.
         let (cmd_tx, cmd_rx) = mpsc::unbounded_channel();
@@ -198,7 +204,7 @@ impl Durable for PgStore {
         } else {
             h.last_caught_up.lock().unwrap().map_or(0.0, |t| t.elapsed().as_secs_f64())
         };
-        StoreHealth { kind: "postgres", connected, lag_seconds }
+        StoreHealth { kind: "postgres", connected, lag_seconds, head_seq: h.heard.load(Ordering::Acquire) }
     }
 
     fn finish(&mut self) {
@@ -297,12 +303,16 @@ async fn follower(
             }
         };
         let (wake_tx, mut wake) = mpsc::unbounded_channel::<()>();
+        let heard = health.clone();
         let driver = tokio::spawn(async move {
             use futures_util::StreamExt;
             let mut messages = futures_util::stream::poll_fn(move |cx| conn.poll_message(cx));
             while let Some(m) = messages.next().await {
                 match m {
-                    Ok(tokio_postgres::AsyncMessage::Notification(_)) => {
+                    Ok(tokio_postgres::AsyncMessage::Notification(n)) => {
+                        if let Ok(seq) = n.payload().parse::<u64>() {
+                            heard.heard(seq);
+                        }
                         let _ = wake_tx.send(());
                     }
                     Ok(_) => {}
@@ -323,6 +333,7 @@ async fn follower(
                 Ok(Ok((changes, whole))) => {
                     for c in changes {
                         delivered = c.seq;
+                        health.heard(c.seq);
                         if events.send(Event::Apply(c)).is_err() {
                             return;
                         }
