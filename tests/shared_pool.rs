@@ -552,10 +552,15 @@ fn min_seq_works_on_the_local_store_too_and_a_seq_no_write_has_is_refused_at_onc
     assert_eq!(s.send("get", &format!("/candidates/l1?min_seq={seq}"), None).0, 200);
     let i = info(&s);
     assert_eq!((i["store"]["kind"].as_str(), i["store"]["applied_seq"].as_u64()), (Some("local"), Some(seq)), "{i}");
-    // A seq beyond any write: 503 at once, not after the 30 s request budget.
+    // A seq beyond any write names no write of this store: 422 at once, not a 503 after the
+    // 30 s request budget.
     let t0 = Instant::now();
     let (st, e) = s.post("/rank", &json!({"context": "hi", "min_seq": seq + 1_000_000}));
-    assert_eq!((st, e["error_type"].as_str()), (503, Some("behind")), "{e}");
+    assert_eq!((st, e["error_type"].as_str()), (422, Some("validation")), "{e}");
+    Contract::load().check("/rank", "post", 422, "application/json", &e);
+    let (st, e) = s.send("get", &format!("/candidates/l1?min_seq={}", seq + 1), None);
+    assert_eq!(st, 422, "{e}");
+    Contract::load().check("/candidates/{id}", "get", 422, "application/json", &e);
     assert!(e["error"].as_str().unwrap().contains("no write with seq"), "{e}");
     assert!(t0.elapsed() < Duration::from_secs(1), "{:?}", t0.elapsed());
 }

@@ -242,8 +242,15 @@ impl Infer {
         }
         let at = *rx.borrow();
         let latest = heard();
+        let msg = format!("no write with seq {min_seq} is known to this replica (the latest it knows of is {latest}, applied up to {at}); min_seq should come from a write's answer");
+        // The local store knows every write there is: a seq beyond them is the request's
+        // fault (422). A shared store's replica may not have heard of it yet (cut off, or a
+        // notification late): 503, retry.
+        if latest < min_seq && grace.is_zero() {
+            return Err(InferError::Validation(msg));
+        }
         Err(InferError::Behind(if latest < min_seq {
-            format!("no write with seq {min_seq} is known to this replica (the latest it knows of is {latest}, applied up to {at}); min_seq should come from a write's answer")
+            msg
         } else {
             format!(
                 "this replica has applied the store's changes up to seq {at}, not yet min_seq {min_seq}, within the request's time budget ({} ms); retry shortly",
