@@ -155,7 +155,8 @@ ids=$(echo "$body" | python3 -c 'import json,sys; print(" ".join(h["id"] for h i
 check "POLYRANK_API_KEY; the mounted pool is ranked" $r "no key: $no_key; with key: $ids"
 info=$(curl -s "$u/info")
 mode=$(echo "$info" | python3 -c 'import json,sys; i=json.load(sys.stdin); print(i["model_dir"], i["mode"])' 2>/dev/null || echo "?")
-[ "$mode" = "/models/mine bi" ] && r=0 || r=1
+# /info names the model directory by its last component (no host paths to clients).
+[ "$mode" = "mine bi" ] && r=0 || r=1
 check "the mounted model is used (/info)" $r "$mode"
 "${podman[@]}" healthcheck run "polyrank-check-$$-custom" >/dev/null 2>&1 && r=0 || r=1
 check "HEALTHCHECK follows POLYRANK_PORT" $r ""
