@@ -250,7 +250,7 @@ fn settings_come_from_file_then_env_then_flag() {
 }
 
 #[test]
-fn api_key_guards_rank_and_encode_only() {
+fn api_key_guards_the_model_routes_and_leaves_probes_info_and_metrics_open() {
     let f = fixture(20);
     let s = Server::start(&f.setup.arg("--api-key", "s3cret"));
     s.wait_ready();
