@@ -319,14 +319,17 @@ impl Worker {
         if events.is_empty() {
             return;
         }
+        // Answered only once the pool's size, digest, index and applied seq are published: a
+        // client that reads /info after its write's answer sees the write.
+        let mut answers = Vec::new();
         for event in events {
             match event {
-                Event::Failed { ticket, error } => self.answer(ticket, Err(store_error(error))),
+                Event::Failed { ticket, error } => answers.push((ticket, Err(store_error(error)))),
                 Event::Apply(Change { seq, op, ticket }) => {
                     // Applying a change twice is harmless, but the pool never goes back.
                     if seq <= self.applied {
                         if let Some(t) = ticket {
-                            self.answer(t, Ok(Output::Written { missing: Vec::new(), pool_size: self.pool.len(), seq }));
+                            answers.push((t, Ok(Output::Written { missing: Vec::new(), pool_size: self.pool.len(), seq })));
                         }
                         continue;
                     }
@@ -347,7 +350,7 @@ impl Worker {
                     };
                     self.applied = seq;
                     if let Some(t) = ticket {
-                        self.answer(t, out);
+                        answers.push((t, out));
                     }
                 }
             }
@@ -355,6 +358,9 @@ impl Worker {
         self.store.as_mut().expect("the store").applied(&self.pool);
         self.publish_pool();
         self.status.set_applied(self.applied);
+        for (ticket, out) in answers {
+            self.answer(ticket, out);
+        }
     }
 
     /// An upsert that came without this model's vectors (written by a replica running other
