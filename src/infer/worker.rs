@@ -12,7 +12,7 @@ use super::status::{ModelInfo, Status};
 use crate::config::{num_cpus, Config};
 use crate::metrics as m;
 use crate::pool::live::LivePool;
-use crate::pool::store::{Change, Durable, Event, Op, StoreError};
+use crate::pool::store::{flat, Change, Durable, Event, Op, StoreError};
 use crate::text::TextKind;
 use anyhow::{Context, Result};
 use std::collections::{HashMap, VecDeque};
@@ -403,11 +403,6 @@ impl Worker {
 /// another replica's write is applied here (it costs a wake-up, not a query: the store's
 /// own thread follows the database). Measured: an idle server used 0.01 s of CPU in 10 s.
 const IDLE_WAKE: Duration = Duration::from_millis(20);
-
-/// Row-major fp32 values of a `[k, d]` tensor.
-fn flat(v: &Tensor) -> Vec<f32> {
-    Vec::try_from(v.to_device(tch::Device::Cpu).to_kind(Kind::Float).contiguous().view([-1])).unwrap_or_default()
-}
 
 fn store_error(e: StoreError) -> JobError {
     match e {

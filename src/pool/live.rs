@@ -203,8 +203,7 @@ impl LivePool {
 
     /// The live vectors as fp32 on the CPU, row-major, for the snapshot.
     pub fn vectors_f32(&self) -> Vec<f32> {
-        let v = self.vectors().to_device(Device::Cpu).to_kind(Kind::Float).contiguous();
-        Vec::try_from(v.view([-1])).unwrap_or_default()
+        super::store::flat(&self.vectors())
     }
 }
 

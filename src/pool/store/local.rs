@@ -8,7 +8,7 @@
 //! before the pool serves.
 
 use super::file::Files;
-use super::{from_files, seed_hash, Candidate, Change, Durable, Encoder, Event, Op, Snapshot, SnapshotHeader, StoreError, StoreHealth};
+use super::{changed_in_files, from_files, seed_hash, Change, Durable, Encoder, Event, Op, Snapshot, SnapshotHeader, StoreError, StoreHealth};
 use crate::metrics as m;
 use crate::pool::live::LivePool;
 use crate::pool::Pool;
@@ -111,11 +111,7 @@ impl Durable for FileStore {
             changed = true;
         }
         if snapshot.as_ref().is_some_and(|s| s.header.seed_hash != self.seed_hash) {
-            let upserts: Vec<Candidate> =
-                from_files(Pool::load(files)?).into_iter().filter(|c| pool.row(&c.id).is_none_or(|r| pool.candidate(r) != c)).collect();
-            tracing::info!(upserts = upserts.len(), "the pool files changed: upserting their new and changed candidates");
-            let texts: Vec<String> = upserts.iter().map(|c| c.text.clone()).collect();
-            let v = enc.encode(&texts)?;
+            let (upserts, v) = changed_in_files(files, &pool, enc)?;
             pool.upsert(upserts, &v);
             changed = true;
         }

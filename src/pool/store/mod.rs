@@ -159,6 +159,23 @@ impl Op {
     }
 }
 
+/// Row-major fp32 values of a `[k, d]` tensor, on the CPU: what the stores keep.
+pub fn flat(v: &tch::Tensor) -> Vec<f32> {
+    Vec::try_from(v.to_device(tch::Device::Cpu).to_kind(tch::Kind::Float).contiguous().view([-1])).unwrap_or_default()
+}
+
+/// When the seed files changed since they last seeded a store: their candidates whose id is
+/// new to `pool` or whose text or meta differ, and their vectors (`[k, d]`). Both stores
+/// upsert these at start.
+pub fn changed_in_files(files: &[PathBuf], pool: &LivePool, enc: &mut dyn Encoder) -> Result<(Vec<Candidate>, tch::Tensor)> {
+    let upserts: Vec<Candidate> =
+        from_files(super::Pool::load(files)?).into_iter().filter(|c| pool.row(&c.id).is_none_or(|r| pool.candidate(r) != c)).collect();
+    tracing::info!(upserts = upserts.len(), "the pool files changed: upserting their new and changed candidates");
+    let texts: Vec<String> = upserts.iter().map(|c| c.text.clone()).collect();
+    let v = enc.encode(&texts)?;
+    Ok((upserts, v))
+}
+
 /// The seed files' candidates as stored records.
 pub fn from_files(p: super::Pool) -> Vec<Candidate> {
     p.ids.into_iter().zip(p.texts).zip(p.meta).map(|((id, text), meta)| Candidate { id, text, meta }).collect()

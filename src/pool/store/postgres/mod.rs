@@ -36,7 +36,6 @@ pub struct PgStore {
     /// host:port/db, without credentials: what the logs and /info may show.
     target: String,
     runtime: tokio::runtime::Runtime,
-    vectors_key: String,
     writes: Option<mpsc::UnboundedSender<Cmd>>,
     events_tx: std_mpsc::Sender<Event>,
     events: std_mpsc::Receiver<Event>,
@@ -108,7 +107,7 @@ impl PgStore {
         let (events_tx, events) = std_mpsc::channel();
         let target = describe(&config);
         let instance = format!("{:016x}", rand::random::<u64>());
-        Ok(PgStore { config, target, runtime, vectors_key: String::new(), writes: None, events_tx, events, health: Default::default(), instance })
+        Ok(PgStore { config, target, runtime, writes: None, events_tx, events, health: Default::default(), instance })
     }
 }
 
@@ -145,7 +144,6 @@ async fn connect_driven(config: &tokio_postgres::Config) -> Result<tokio_postgre
 
 impl Durable for PgStore {
     fn open(&mut self, files: &[PathBuf], key: &str, enc: &mut dyn Encoder) -> Result<(LivePool, u64)> {
-        self.vectors_key = key.to_string();
         let (config, target) = (self.config.clone(), self.target.clone());
         let (pool, seq, client) = self.runtime.block_on(async {
             // Unreachable: wait for it (readiness says so); refused (password, database

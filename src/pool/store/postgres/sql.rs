@@ -2,7 +2,7 @@
 //! write's transaction, and reading changes after a `seq`.
 
 use crate::pool::live::LivePool;
-use crate::pool::store::{from_files, Candidate, Change, Encoder, Op};
+use crate::pool::store::{changed_in_files, flat, from_files, Candidate, Change, Encoder, Op};
 use crate::pool::Pool;
 use anyhow::{Context, Result};
 use std::path::PathBuf;
@@ -65,11 +65,10 @@ async fn open(client: &mut Client, files: &[PathBuf], key: &str, enc: &mut dyn E
         let v = enc.seed(&seed)?;
         let cands = from_files(seed);
         tracing::info!(candidates = cands.len(), "seeding the shared store from the pool files");
-        let flat = Vec::try_from(v.contiguous().view([-1])).context("seed vectors")?;
         // No replica can be behind this change (the others wait for the lock, then load the
         // candidates table), so its record carries no copy of the pool: a 1M pool's vectors
         // would pass PostgreSQL's 1 GB limit on one value.
-        commit_as(client, key, &Op::Upsert(cands, flat), "seed", Some(&files_hash), false).await?;
+        commit_as(client, key, &Op::Upsert(cands, flat(&v)), "seed", Some(&files_hash), false).await?;
     }
     enc.phase("loading the pool from the shared store");
     let t0 = std::time::Instant::now();
@@ -82,19 +81,13 @@ async fn open(client: &mut Client, files: &[PathBuf], key: &str, enc: &mut dyn E
         let v = enc.encode(&texts)?;
         let ids: Vec<String> = missing.iter().map(|&(r, _)| pool.candidate(r).id.clone()).collect();
         let seqs: Vec<u64> = missing.iter().map(|&(_, s)| s).collect();
-        let flat: Vec<f32> = Vec::try_from(v.contiguous().view([-1])).context("vectors")?;
-        keep_vectors(client, key, None, &ids, &seqs, &flat).await?;
+        keep_vectors(client, key, None, &ids, &seqs, &flat(&v)).await?;
         let rows: Vec<Candidate> = missing.iter().map(|&(r, _)| pool.candidate(r).clone()).collect();
         pool.upsert(rows, &v);
     }
     if seeded.as_deref().is_some_and(|h| h != files_hash) {
-        let upserts: Vec<Candidate> =
-            from_files(Pool::load(files)?).into_iter().filter(|c| pool.row(&c.id).is_none_or(|r| pool.candidate(r) != c)).collect();
-        tracing::info!(upserts = upserts.len(), "the pool files changed: upserting their new and changed candidates");
-        let texts: Vec<String> = upserts.iter().map(|c| c.text.clone()).collect();
-        let v = enc.encode(&texts)?;
-        let flat: Vec<f32> = Vec::try_from(v.contiguous().view([-1])).context("vectors")?;
-        commit(client, key, &Op::Upsert(upserts, flat), "seed", Some(&files_hash)).await?;
+        let (upserts, v) = changed_in_files(files, &pool, enc)?;
+        commit(client, key, &Op::Upsert(upserts, flat(&v)), "seed", Some(&files_hash)).await?;
     }
     // Whatever was written since the load (by this start or by other replicas) is applied
     // before the pool serves.
@@ -105,7 +98,7 @@ async fn open(client: &mut Client, files: &[PathBuf], key: &str, enc: &mut dyn E
             let op = match c.op {
                 Op::Upsert(cands, v) if v.is_empty() && !cands.is_empty() => {
                     let texts: Vec<String> = cands.iter().map(|c| c.text.clone()).collect();
-                    Op::Upsert(cands, Vec::try_from(enc.encode(&texts)?.contiguous().view([-1]))?)
+                    Op::Upsert(cands, flat(&enc.encode(&texts)?))
                 }
                 op => op,
             };
