@@ -318,7 +318,7 @@ fn filter_bench(dir: &Path, model: &Path, n: usize, d: i64, seconds: f64) -> Str
             .collect();
         median(&mut t)
     };
-    let all = time(&|| drop(ranker.model.rank(&codes, &live.vectors(), &[10])));
+    let all = time(&|| drop(ranker.model.rank_pool(&codes, &live.vectors(), &[10])));
     let some = time(&|| drop(ranker.model.rank_rows(&codes, &live.vectors(), &live.filter_rows(&f), 10)));
     format!(
         "\nFiltered ranking, N = {n}, a filter keeping 1 % (`{{\"bucket\": 7}}`, 1,000 rows), median of 3 rounds' p50 (1 client): end to end **{full:.1} ms → {filtered:.1} ms ({:.1}×)**; scoring stage alone (index lookup + exact scoring of the matching rows vs all rows, in process) **{all:.2} ms → {some:.2} ms ({:.1}×)**. End to end, the context encoding (above) is the floor.\n",

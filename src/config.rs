@@ -180,7 +180,14 @@ pub struct ServeArgs {
     #[arg(long, env = "POLYRANK_CACHE_KEEP")]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub cache_keep: Option<usize>,
-    /// Store pool vectors in fp16 (half the memory; scores computed in fp32).
+    /// Precision of the scoring GEMM over the pool: auto (measured at start, the fastest on
+    /// this CPU), float32, bfloat16 or int8. Low precision re-scores its shortlist in fp32 under
+    /// a proven error bound: the top-k and scores are the fp32 model's.
+    #[arg(long, env = "POLYRANK_SCORING_PRECISION", value_enum)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub scoring_precision: Option<ScoringPrecision>,
+    /// Store pool vectors in fp16 (half the memory; scores computed in fp32). Applies when
+    /// scoring runs in float32.
     #[arg(long, env = "POLYRANK_FP16_CANDIDATES")]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub fp16_candidates: Option<bool>,
@@ -229,6 +236,9 @@ pub struct Config {
     pub threads: usize,
     pub approx_preselect: usize,
     pub cache_keep: usize,
+    /// Config files written before the setting existed mean auto.
+    #[serde(default)]
+    pub scoring_precision: ScoringPrecision,
     pub fp16_candidates: bool,
 }
 
@@ -259,6 +269,30 @@ impl Dtype {
             Dtype::Float32 => tch::Kind::Float,
             Dtype::Float16 => tch::Kind::Half,
             Dtype::Bfloat16 => tch::Kind::BFloat16,
+        }
+    }
+}
+
+/// The `scoring_precision` setting: a precision, or `auto` (decided at start by measurement).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum ScoringPrecision {
+    #[default]
+    Auto,
+    Float32,
+    Bfloat16,
+    Int8,
+}
+
+impl ScoringPrecision {
+    /// The fixed precision asked for; None for auto.
+    pub fn fixed(self) -> Option<crate::model::rows::Precision> {
+        use crate::model::rows::Precision;
+        match self {
+            ScoringPrecision::Auto => None,
+            ScoringPrecision::Float32 => Some(Precision::Float32),
+            ScoringPrecision::Bfloat16 => Some(Precision::Bfloat16),
+            ScoringPrecision::Int8 => Some(Precision::Int8),
         }
     }
 }

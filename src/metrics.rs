@@ -29,16 +29,20 @@ pub(crate) const META_UNINDEXED: &str = "polyrank_meta_unindexed_candidates";
 pub(crate) const CONNECTIONS: &str = "polyrank_open_connections";
 /// Connections closed by the server, label `why`: reserve_evicted, idle.
 pub(crate) const CONNECTIONS_CLOSED: &str = "polyrank_connections_closed_total";
+/// Rows a low-precision ranking re-scored in fp32 (its shortlist and the bound's guard).
+pub(crate) const RESCORED_ROWS: &str = "polyrank_rescored_rows";
 
 const LATENCY_BUCKETS: &[f64] =
     &[0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0];
 const BATCH_BUCKETS: &[f64] = &[1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0];
+const RESCORED_BUCKETS: &[f64] = &[64.0, 128.0, 256.0, 512.0, 1024.0, 4096.0, 16384.0, 65536.0, 262144.0];
 
 /// Installs the process-wide recorder; call once.
 pub(crate) fn install() -> anyhow::Result<PrometheusHandle> {
     let handle = PrometheusBuilder::new()
         .set_buckets_for_metric(Matcher::Suffix("_seconds".into()), LATENCY_BUCKETS)?
         .set_buckets_for_metric(Matcher::Full(BATCH_SIZE.into()), BATCH_BUCKETS)?
+        .set_buckets_for_metric(Matcher::Full(RESCORED_ROWS.into()), RESCORED_BUCKETS)?
         .install_recorder()?;
     metrics::describe_counter!(REQUESTS, "HTTP requests by route and status");
     metrics::describe_histogram!(REQUEST_SECONDS, metrics::Unit::Seconds, "HTTP request latency by route");
@@ -58,6 +62,7 @@ pub(crate) fn install() -> anyhow::Result<PrometheusHandle> {
     metrics::describe_gauge!(META_UNINDEXED, "Candidates whose meta is not indexed (over the limits or the index budget); filters check them directly");
     metrics::describe_gauge!(CONNECTIONS, "Open client connections, by kind (served, probe_reserve)");
     metrics::describe_counter!(CONNECTIONS_CLOSED, "Connections closed by the server, by reason (idle, reserve_evicted)");
+    metrics::describe_histogram!(RESCORED_ROWS, "Rows a low-precision ranking re-scored in fp32 (shortlist and bound guard)");
     metrics::counter!(POOL_ENCODED).absolute(0);
     Ok(handle)
 }

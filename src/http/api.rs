@@ -222,6 +222,9 @@ pub async fn info(State(state): State<Arc<AppState>>) -> Json<serde_json::Value>
     v["cache_reused"] = s.cache_reused().into();
     v["fp16_candidates"] = state.config.fp16_candidates.into();
     v["pool_digest"] = s.pool_digest().into();
+    if let Some(sc) = s.scoring() {
+        v["scoring"] = sc.clone();
+    }
     if let Some(h) = s.store_health() {
         v["store"] = serde_json::json!({
             "kind": h.kind,

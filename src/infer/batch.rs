@@ -129,7 +129,7 @@ impl Worker {
             let rows = Tensor::from_slice(&pool_rows.iter().map(|p| p.1).collect::<Vec<_>>()).to_device(codes.y.device());
             let sub = ContextVectors { y: codes.y.index_select(0, &rows), mask: codes.mask.index_select(0, &rows) };
             let ks: Vec<i64> = pool_rows.iter().map(|p| p.2).collect();
-            for (ranked, &(i, _, _)) in model.rank(&sub, &pool, &ks).into_iter().zip(&pool_rows) {
+            for (ranked, &(i, _, _)) in model.rank_pool(&sub, &pool, &ks).into_iter().zip(&pool_rows) {
                 let Work::Rank { want, .. } = works[i] else { unreachable!("pool rows come from rank work") };
                 out[i] = Some(Step::Done(self.hits(ranked, *want)));
             }

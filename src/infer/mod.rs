@@ -11,6 +11,7 @@ pub mod admission;
 mod writes;
 mod batch;
 mod chunked;
+mod precision;
 mod queue;
 pub mod ranker;
 mod startup;

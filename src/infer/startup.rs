@@ -22,8 +22,29 @@ impl Worker {
         let (pool, seq) = store.open(&files, &key, &mut opening)?;
         let cache = opening.cache;
         warn_over_limits(&pool, &self.config.meta_limits());
+        let choice = super::precision::choose(&self.ranker, &pool, self.config.scoring_precision);
         let kind = if self.config.fp16_candidates { Kind::Half } else { Kind::Float };
-        Ok((pool.to(self.ranker.model.device, kind), seq, cache))
+        let pool = pool.to(self.ranker.model.device, choice.precision, kind);
+        tracing::info!(
+            precision = choice.precision.name(),
+            bytes_per_candidate = pool.bytes_per_candidate(),
+            "scoring precision: {}",
+            choice.reason
+        );
+        let measured: serde_json::Map<String, serde_json::Value> =
+            choice.measured_ms.iter().map(|(p, ms)| (p.name().to_string(), ((ms * 1000.0).round() / 1000.0).into())).collect();
+        let mut info = serde_json::json!({
+            "precision": choice.precision,
+            "requested": choice.requested,
+            "reason": choice.reason,
+            "bytes_per_candidate": pool.bytes_per_candidate(),
+        });
+        if !measured.is_empty() {
+            info["measured_ms"] = measured.into();
+            info["sample_rows"] = choice.sample_rows.into();
+        }
+        self.status.set_scoring(info);
+        Ok((pool, seq, cache))
     }
 
     /// Candidate vectors `[n, d]` (fp32, CPU) of many texts, in chunks, with progress in the

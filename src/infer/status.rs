@@ -43,6 +43,8 @@ pub struct Status {
     /// Order-independent digest of the pool's ids, texts and meta (`LivePool::digest`).
     pool_digest: Mutex<String>,
     store: Mutex<Option<StoreHealth>>,
+    /// The scoring precision that runs and why (`precision::Choice`), as /info shows it.
+    scoring: OnceLock<serde_json::Value>,
 }
 
 impl Status {
@@ -83,6 +85,13 @@ impl Status {
     }
     pub fn store_health(&self) -> Option<StoreHealth> {
         self.store.lock().unwrap().clone()
+    }
+
+    pub fn scoring(&self) -> Option<&serde_json::Value> {
+        self.scoring.get()
+    }
+    pub(super) fn set_scoring(&self, v: serde_json::Value) {
+        self.scoring.set(v).ok();
     }
 
     pub(super) fn set_phase(&self, what: &str) {

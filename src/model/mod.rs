@@ -2,6 +2,9 @@
 
 pub mod attention;
 pub mod bert;
+pub mod int8;
+pub mod lowp;
+pub mod rows;
 pub mod poly;
 pub mod scoring;
 pub mod format;
@@ -11,6 +14,7 @@ pub(crate) mod weights;
 
 use bert::{Bert, BertConfig};
 use poly::PolyHead;
+use rows::{CandidateRows, Precision};
 use scoring::ContextVectors;
 use format::*;
 use std::path::{Path, PathBuf};
@@ -138,22 +142,45 @@ impl PolyEncoder {
         top_k.iter().enumerate().map(|(b, &k)| scoring::top_k(&scores.get(b as i64), k)).collect()
     }
 
+    /// Ranking over the pool's rows in whatever precision they are kept: the same answer as
+    /// `rank` over their fp32 vectors (see `lowp`).
+    pub fn rank_pool(&self, codes: &ContextVectors, rows: &CandidateRows, top_k: &[i64]) -> Vec<Vec<(i64, f32)>> {
+        let (ranked, effort) = lowp::rank(codes, rows, &self.head.candidate_attention, top_k);
+        if rows.precision() != Precision::Float32 {
+            metrics::histogram!(crate::metrics::RESCORED_ROWS).record(effort.rescored as f64);
+        }
+        ranked
+    }
+
     /// One context against some rows of `pool`; results carry pool row numbers.
-    pub fn rank_rows(&self, codes: &ContextVectors, pool: &Tensor, rows: &[i64], k: i64) -> Vec<(i64, f32)> {
+    pub fn rank_rows(&self, codes: &ContextVectors, pool: &CandidateRows, rows: &[i64], k: i64) -> Vec<(i64, f32)> {
         let idx = Tensor::from_slice(rows).to_device(pool.device());
-        let ranked = self.rank(codes, &pool.index_select(0, &idx), &[k]).swap_remove(0);
+        let ranked = self.rank_pool(codes, &pool.select(&idx), &[k]).swap_remove(0);
         ranked.into_iter().map(|(j, s)| (rows[j as usize], s)).collect()
     }
 
     /// One context against `pool`, approximately: only the `preselect` rows with the best dot
     /// product against the masked mean of the context's vectors (a bi-encoder pass, 2·d·N
-    /// FLOPs instead of 2·m·d·N) are scored exactly.
-    pub(crate) fn rank_approximate(&self, codes: &ContextVectors, pool: &Tensor, preselect: i64, k: i64) -> Vec<(i64, f32)> {
-        let kind = codes.y.kind();
-        let mask = codes.mask.to_kind(kind).unsqueeze(-1); // [1, m, 1]
-        let mean = (&codes.y * &mask).sum_dim_intlist(1, false, kind) / mask.sum(kind).clamp_min(1.0); // [1, d]
-        let pre = pool.matmul(&mean.to_kind(pool.kind()).transpose(0, 1)).squeeze_dim(-1); // [N]
-        let (_, idx) = pre.topk(preselect.min(pool.size()[0]), -1, true, false);
+    /// FLOPs instead of 2·m·d·N, in the rows' precision) are scored exactly.
+    pub(crate) fn rank_approximate(&self, codes: &ContextVectors, pool: &CandidateRows, preselect: i64, k: i64) -> Vec<(i64, f32)> {
+        let mask = codes.mask.to_kind(Kind::Float).unsqueeze(-1); // [1, m, 1]
+        let mean = (&codes.y.to_kind(Kind::Float) * &mask).sum_dim_intlist(1, false, Kind::Float) / mask.sum(Kind::Float).clamp_min(1.0); // [1, d]
+        let mean = mean.transpose(0, 1).contiguous(); // [d, 1]
+        let pre = match (pool.matrix(), pool.low()) {
+            (Some(m), _) => m.matmul(&mean.to_kind(m.kind())).squeeze_dim(-1),
+            (None, Some((low, scale, _))) if pool.precision() == Precision::Int8 => {
+                // Row order only: the context's scale is one positive factor and drops out.
+                let s = mean.abs().max().clamp_min(1e-30) / 63.0;
+                let q = (&mean / s).round().clamp(-63.0, 63.0).transpose(0, 1); // [1, d]
+                match int8::prepack(&q).and_then(|p| int8::matmul(low, &p)) {
+                    Ok(dots) => dots.squeeze_dim(-1) * scale,
+                    Err(_) => pool.exact().matmul(&mean).squeeze_dim(-1),
+                }
+            }
+            (None, Some((low, _, _))) => low.matmul(&mean.to_kind(Kind::BFloat16)).squeeze_dim(-1).to_kind(Kind::Float),
+            (None, None) => unreachable!("rows are a matrix or a low-precision copy"),
+        };
+        let (_, idx) = pre.topk(preselect.min(pool.len()), -1, true, false);
         let rows: Vec<i64> = Vec::try_from(idx.to_device(tch::Device::Cpu)).unwrap_or_default();
         self.rank_rows(codes, pool, &rows, k)
     }

@@ -6,14 +6,19 @@
 use super::filter::{Filter, IndexStats, MetaIndex};
 use super::meta::MetaLimits;
 use super::store::Candidate;
+use crate::model::rows::{CandidateRows, Precision};
 use std::collections::HashMap;
 use tch::{Device, Kind, Tensor};
 
 pub struct LivePool {
     candidates: Vec<Candidate>,
     row_of: HashMap<String, usize>,
-    /// `[capacity, d]`; rows `0..n` are live. Spare rows make appends amortised O(k·d).
-    storage: Tensor,
+    /// `[capacity, d]` in the scoring precision; rows `0..n` are live. Spare rows make
+    /// appends amortised O(k·d).
+    storage: CandidateRows,
+    /// What written rows are kept as: the scoring precision, and the matrix kind for float32.
+    precision: Precision,
+    dense_kind: Kind,
     index: MetaIndex,
     /// Sum of every candidate's `candidate_hash`, mod 2^128: the same pool gives the same
     /// digest whatever the order of its rows or of the writes that built it.
@@ -52,8 +57,8 @@ fn canonical_json(v: &serde_json::Value) -> String {
 }
 
 impl LivePool {
-    /// `vectors`: `[n, d]`, already in the kind and on the device scoring uses; `limits` and
-    /// `index_bytes` bound the meta index (`filter::MetaIndex`).
+    /// `vectors`: `[n, d]` fp32, kept as they are until `to` sets the scoring precision;
+    /// `limits` and `index_bytes` bound the meta index (`filter::MetaIndex`).
     pub fn new(candidates: Vec<Candidate>, vectors: Tensor, limits: MetaLimits, index_bytes: usize) -> Self {
         let mut index = MetaIndex::new(limits, index_bytes);
         let mut row_of = HashMap::with_capacity(candidates.len());
@@ -63,7 +68,8 @@ impl LivePool {
             index.add(&c.id, c.meta.as_ref());
             digest = digest.wrapping_add(candidate_hash(c));
         }
-        LivePool { candidates, row_of, storage: vectors, index, digest }
+        let dense_kind = vectors.kind();
+        LivePool { candidates, row_of, storage: CandidateRows::dense(vectors), precision: Precision::Float32, dense_kind, index, digest }
     }
 
     pub fn len(&self) -> usize {
@@ -79,9 +85,23 @@ impl LivePool {
         self.index.stats()
     }
 
-    /// The live rows, `[n, d]` (a view, no copy).
-    pub fn vectors(&self) -> Tensor {
-        self.storage.narrow(0, 0, self.len() as i64)
+    /// The live rows, `[n, d]` (views, no copy).
+    pub fn vectors(&self) -> CandidateRows {
+        self.storage.narrow(0, self.len() as i64)
+    }
+
+    pub fn dim(&self) -> i64 {
+        self.storage.dim()
+    }
+
+    /// The precision rows are kept and scored in.
+    pub fn precision(&self) -> Precision {
+        self.precision
+    }
+
+    /// Resident bytes per candidate of the vectors (not counting texts, meta and the index).
+    pub fn bytes_per_candidate(&self) -> usize {
+        self.storage.bytes_per_row()
     }
 
     pub fn row(&self, id: &str) -> Option<usize> {
@@ -104,12 +124,12 @@ impl LivePool {
     /// Inserts or replaces candidates (ids unique within the batch) with their `[k, d]`
     /// vectors.
     pub fn upsert(&mut self, batch: Vec<Candidate>, vectors: &Tensor) {
-        let vectors = vectors.to_kind(self.storage.kind()).to_device(self.storage.device());
+        let vectors = CandidateRows::encode(&vectors.to_device(self.storage.device()), self.precision, self.dense_kind);
         let mut new_rows = Vec::new();
         for (i, c) in batch.into_iter().enumerate() {
             match self.row_of.get(&c.id).copied() {
                 Some(r) => {
-                    self.storage.get(r as i64).copy_(&vectors.get(i as i64));
+                    self.storage.copy_in(r as i64, &vectors.narrow(i as i64, 1));
                     self.index.remove(&c.id, self.candidates[r].meta.as_ref());
                     self.index.add(&c.id, c.meta.as_ref());
                     self.digest = self.digest.wrapping_sub(candidate_hash(&self.candidates[r])).wrapping_add(candidate_hash(&c));
@@ -124,7 +144,7 @@ impl LivePool {
         let (n, k) = (self.len() as i64, new_rows.len() as i64);
         self.reserve((n + k) as usize);
         let idx = Tensor::from_slice(&new_rows.iter().map(|(i, _)| *i).collect::<Vec<_>>()).to_device(vectors.device());
-        self.storage.narrow(0, n, k).copy_(&vectors.index_select(0, &idx));
+        self.storage.copy_in(n, &vectors.select(&idx));
         for (_, c) in new_rows {
             self.digest = self.digest.wrapping_add(candidate_hash(&c));
             self.row_of.insert(c.id.clone(), self.candidates.len());
@@ -143,8 +163,7 @@ impl LivePool {
             };
             let last = self.len() - 1;
             if r != last {
-                let moved = self.storage.get(last as i64);
-                self.storage.get(r as i64).copy_(&moved);
+                self.storage.copy_row(last as i64, r as i64);
                 self.candidates.swap(r, last);
                 self.row_of.insert(self.candidates[r].id.clone(), r);
             }
@@ -184,26 +203,34 @@ impl LivePool {
 
     /// Room for `rows` rows: the matrix doubles when it runs out.
     fn reserve(&mut self, rows: usize) {
-        let (cap, d) = self.storage.size2().expect("[capacity, d]");
+        let cap = self.storage.len();
         if rows as i64 <= cap {
             return;
         }
         let new_cap = (rows as i64).max(cap * 2).max(1024);
-        let grown = Tensor::zeros([new_cap, d], (self.storage.kind(), self.storage.device()));
-        let n = self.len() as i64;
-        grown.narrow(0, 0, n).copy_(&self.storage.narrow(0, 0, n));
+        let grown = CandidateRows::zeros_like(&self.storage, new_cap);
+        grown.copy_in(0, &self.vectors());
         self.storage = grown;
     }
 
-    /// The same pool with its matrix in `kind` on `device` (startup builds it on the CPU).
-    pub fn to(mut self, device: Device, kind: Kind) -> Self {
-        self.storage = self.storage.to_device(device).to_kind(kind);
+    /// The same pool on `device`, its rows kept in `precision` (`dense_kind`: the matrix's
+    /// kind for float32, fp16 halves it). Startup builds the pool in fp32 on the CPU.
+    pub fn to(mut self, device: Device, precision: Precision, dense_kind: Kind) -> Self {
+        let exact = self.vectors().exact().to_device(device);
+        self.storage = CandidateRows::encode(&exact, precision, dense_kind);
+        self.precision = precision;
+        self.dense_kind = dense_kind;
         self
+    }
+
+    /// The live vectors as fp32 `[n, d]` (rebuilt from a low-precision copy).
+    pub fn exact_vectors(&self) -> Tensor {
+        self.vectors().exact()
     }
 
     /// The live vectors as fp32 on the CPU, row-major, for the snapshot.
     pub fn vectors_f32(&self) -> Vec<f32> {
-        super::store::flat(&self.vectors())
+        super::store::flat(&self.exact_vectors())
     }
 }
 

@@ -15,7 +15,7 @@ use crate::pool::Pool;
 use anyhow::Result;
 use std::collections::VecDeque;
 use std::path::{Path, PathBuf};
-use tch::{Kind, Tensor};
+use tch::Tensor;
 
 pub struct FileStore {
     dir: PathBuf,
@@ -62,7 +62,7 @@ impl FileStore {
                 seed_hash: self.seed_hash.clone(),
                 last_seq: self.seq,
                 n: pool.len(),
-                d: pool.vectors().size()[1] as usize,
+                d: pool.dim() as usize,
             },
             candidates: pool.candidates().to_vec(),
             vectors: pool.vectors_f32(),
@@ -119,7 +119,6 @@ impl Durable for FileStore {
         // A replayed log stays a log (the next compaction folds it in): a restart does not
         // rewrite the whole snapshot. A re-encoded or re-seeded pool is written at once.
         if changed {
-            let pool = pool.to(tch::Device::Cpu, Kind::Float);
             let snap = self.snapshot_of(&pool);
             self.files_mut().reset(&snap)?;
             compacted();

@@ -1,0 +1,132 @@
+//! Which precision the scoring GEMM runs in: the `scoring_precision` setting, or for `auto`
+//! the fastest on this CPU by a measurement at start over the real shapes (the pool's own
+//! rows, contexts made of its own texts), so nobody has to know which CPUs do int8 or bf16
+//! natively. Every precision gives the same answer (`model::lowp`); only speed differs.
+
+use super::ranker::Ranker;
+use crate::config::ScoringPrecision;
+use crate::model::attention::Attention;
+use crate::model::rows::{CandidateRows, Precision};
+use crate::pool::live::LivePool;
+use crate::text::TextKind;
+use std::time::Instant;
+use tch::{Kind, Tensor};
+
+/// Rows the measurement ranks: enough that the GEMM dominates as it does at 100k (below about
+/// 10k rows fixed costs blur the comparison), few enough that it takes well under a second.
+const SAMPLE_ROWS: i64 = 32_768;
+/// Rankings timed per precision (after one warm-up); the median counts.
+const ROUNDS: usize = 5;
+/// A low precision must beat float32 by this factor to be picked: a tie keeps the plain path.
+const MARGIN: f64 = 0.9;
+
+/// What runs, and why.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct Choice {
+    pub precision: Precision,
+    pub requested: ScoringPrecision,
+    pub reason: String,
+    /// `auto` only: median ms of one top-10 ranking over the sample, per precision.
+    pub measured_ms: Vec<(Precision, f64)>,
+    pub sample_rows: i64,
+}
+
+pub fn choose(ranker: &Ranker, pool: &LivePool, requested: ScoringPrecision) -> Choice {
+    let model = &ranker.model;
+    let choice = |precision, reason: String| Choice { precision, requested, reason, measured_ms: Vec::new(), sample_rows: 0 };
+    if model.device != tch::Device::Cpu {
+        return choice(Precision::Float32, "low-precision scoring is implemented for CPUs; this device scores in float32".into());
+    }
+    if matches!(model.head.candidate_attention, Attention::Multihead(_)) {
+        return choice(Precision::Float32, "multihead candidate attention has no low-precision bound; it scores in float32".into());
+    }
+    let int8 = crate::model::int8::available();
+    match (requested.fixed(), &int8) {
+        (Some(Precision::Int8), Err(e)) => choice(Precision::Float32, format!("int8 was asked for but cannot run here ({e}); scoring in float32")),
+        (Some(p), _) => choice(p, "set by scoring_precision".into()),
+        (None, _) => {
+            let mut c = measure(ranker, pool, requested, int8.is_ok());
+            if let Err(e) = int8 {
+                c.reason = format!("{}; int8 not measured: {e}", c.reason);
+            }
+            c
+        }
+    }
+}
+
+fn measure(ranker: &Ranker, pool: &LivePool, requested: ScoringPrecision, int8: bool) -> Choice {
+    let sample = sample_rows(pool, ranker.model.dim());
+    let contexts = contexts(ranker, pool);
+    let mut measured = Vec::new();
+    let mut fp32_ms = f64::INFINITY;
+    for p in [Precision::Float32, Precision::Int8, Precision::Bfloat16] {
+        if p == Precision::Int8 && !int8 {
+            continue;
+        }
+        let rows = CandidateRows::encode(&sample, p, Kind::Float);
+        let once = |i: usize| {
+            let t = Instant::now();
+            let ctx = contexts.select((i % contexts.y.size()[0] as usize) as i64);
+            drop(ranker.model.rank_pool(&ctx, &rows, &[10]));
+            t.elapsed().as_secs_f64() * 1e3
+        };
+        let first = once(0);
+        let mut times = vec![once(1)];
+        // A precision this CPU only emulates (bf16 without AVX512-BF16 or AMX) is many times
+        // slower: two runs say so, more would only slow the start.
+        if first.min(times[0]) < 3.0 * fp32_ms {
+            times.extend((2..=ROUNDS).map(once));
+        }
+        times.sort_by(f64::total_cmp);
+        let ms = times[times.len() / 2];
+        if p == Precision::Float32 {
+            fp32_ms = ms;
+        }
+        measured.push((p, ms));
+    }
+    let (best, best_ms) = measured.iter().copied().min_by(|a, b| a.1.total_cmp(&b.1)).expect("three precisions");
+    let table = measured.iter().map(|(p, ms)| format!("{} {ms:.2} ms", p.name())).collect::<Vec<_>>().join(", ");
+    let (precision, reason) = if best != Precision::Float32 && best_ms <= MARGIN * fp32_ms {
+        (best, format!("fastest on this CPU: {table} per ranking of {} rows", sample.size()[0]))
+    } else {
+        (Precision::Float32, format!("no low precision was 10% faster than float32 on this CPU: {table} per ranking of {} rows", sample.size()[0]))
+    };
+    Choice { precision, requested, reason, measured_ms: measured, sample_rows: sample.size()[0] }
+}
+
+/// Up to `SAMPLE_ROWS` of the pool's rows, spread over it; a small pool is topped up with
+/// random vectors of its rows' mean norm (the shape is what is measured, and a pool grows).
+fn sample_rows(pool: &LivePool, d: i64) -> Tensor {
+    let n = pool.len() as i64;
+    let real = if n > SAMPLE_ROWS {
+        let idx = Tensor::arange_start_step(0, n, n / SAMPLE_ROWS, (Kind::Int64, tch::Device::Cpu)).narrow(0, 0, SAMPLE_ROWS);
+        pool.vectors().select(&idx.to_device(pool.vectors().device())).exact().to_device(tch::Device::Cpu)
+    } else {
+        pool.exact_vectors().to_device(tch::Device::Cpu)
+    };
+    if n >= SAMPLE_ROWS {
+        return real;
+    }
+    let norm = if n > 0 { real.norm_scalaropt_dim(2.0, [1], false).mean(Kind::Float).double_value(&[]) } else { 1.0 };
+    let fill = Tensor::randn([SAMPLE_ROWS - n, d], (Kind::Float, tch::Device::Cpu));
+    let fill = &fill / fill.norm_scalaropt_dim(2.0, [1], true) * norm;
+    Tensor::cat(&[real, fill], 0)
+}
+
+/// Three contexts made of pool texts (or of fixed lines for an empty pool).
+fn contexts(ranker: &Ranker, pool: &LivePool) -> crate::model::scoring::ContextVectors {
+    let n = pool.len();
+    let texts: Vec<String> = if n == 0 {
+        ["hi, how are you today?", "what do you do for fun?", "i just got back from a trip"].map(String::from).to_vec()
+    } else {
+        [0, n / 2, n - 1].iter().map(|&r| pool.candidate(r).text.clone()).collect()
+    };
+    match ranker.tokenize(&texts, TextKind::Context) {
+        Ok(enc) => ranker.context_codes(&enc, enc.len()),
+        // Pool texts always tokenize (they were encoded as candidates); keep the start going.
+        Err(_) => {
+            let enc = ranker.tokenize(&["hello".to_string()], TextKind::Context).unwrap_or_default();
+            ranker.context_codes(&enc, 1)
+        }
+    }
+}

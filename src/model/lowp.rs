@@ -1,0 +1,394 @@
+//! Ranking over low-precision rows with the fp32 answer.
+//!
+//! At 100k candidates and more a /rank is one `[N, d] × [d, m]` GEMM plus a softmax over
+//! `[N, m]`. The GEMM runs in int8 (VNNI, `vpmaddubsw`) or bf16 here, and gives every
+//! candidate an approximate score ŝ together with a proven bound ε, |s − ŝ| ≤ ε, where s is
+//! the fp32 score:
+//! 1. each logit is off by at most δ (the int8 rounding of both sides, or bf16's relative
+//!    error), worked out per row from the row's scale and Σ|low|;
+//! 2. s = Σᵢ softmaxᵢ(xᵢ/t) xᵢ moves by at most δ·(1 + range(x)/t) when every xᵢ moves by δ
+//!    (∂s/∂xⱼ = wⱼ(1 + (xⱼ − s)/t), and Σ wⱼ|xⱼ − s| ≤ range);
+//! 3. the fast exp and fp32 sums add a relative slack.
+//!
+//! Then the best `k·SHORTLIST` rows by ŝ are re-scored in fp32 from their rebuilt vectors;
+//! their k-th exact score T is a floor under the true k-th best score, and every other row
+//! with ŝ + ε ≥ T is re-scored too. No row left out can reach the top k, so the returned
+//! top-k and its scores are the fp32 model's (to the rebuild's ~1e-6), whatever the data.
+//! How many rows the guard adds is the price of a loose bound, never a wrong answer.
+
+use super::attention::Attention;
+use super::int8;
+use super::rows::{CandidateRows, Precision};
+use super::scoring::{self, ContextVectors};
+use tch::{Kind, Tensor};
+
+/// Rows re-scored first per requested result: the first pass's k-th exact score is the
+/// floor the guard compares with, and a floor closer to the true k-th score lets fewer rows
+/// through.
+pub const SHORTLIST: i64 = 4;
+/// The first pass re-scores at least this many rows.
+const MIN_SHORTLIST: i64 = 64;
+/// Below this many rows the low-precision pass costs more than it saves: rebuild and score
+/// in fp32 (a filter or an id list that keeps few rows lands here).
+pub const MIN_LOW_ROWS: i64 = 2048;
+/// Rows per GEMM slice: the `[rows, B·m]` int32 logits stay in cache through the fused pass.
+const SLICE_LOGITS: i64 = 262_144;
+
+/// What one low-precision ranking did, for the metrics.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct Effort {
+    /// Rows scored in fp32 after the low-precision pass (first pass + guard).
+    pub rescored: usize,
+}
+
+/// The best `ks[b]` rows for each context `b`, exact, and the rows re-scored in fp32.
+pub fn rank(codes: &ContextVectors, rows: &CandidateRows, attn: &Attention, ks: &[i64]) -> (Vec<Vec<(i64, f32)>>, Effort) {
+    let n = rows.len();
+    let plain = |m: &Tensor| {
+        let scores = scoring::score(codes, m, attn);
+        ks.iter().enumerate().map(|(b, &k)| scoring::top_k(&scores.get(b as i64), k)).collect()
+    };
+    if let Some(m) = rows.matrix() {
+        return (plain(m), Effort::default());
+    }
+    // The bound holds for the dot-product attentions; a multihead head (its own projections)
+    // and small sets are scored from the rebuilt vectors.
+    let t = match attn {
+        Attention::Basic => 1.0,
+        Attention::Sqrt => (rows.dim() as f32).sqrt(),
+        Attention::Multihead(_) => return (plain(&rows.exact()), Effort { rescored: n as usize }),
+    };
+    if n < MIN_LOW_ROWS || rows.device() != tch::Device::Cpu {
+        return (plain(&rows.exact()), Effort { rescored: n as usize });
+    }
+    let approx = match approximate(codes, rows, t) {
+        Ok(a) => a,
+        // Startup checked the int8 GEMM; should it fail later, the answer is still exact.
+        Err(e) => {
+            tracing::warn!("low-precision scoring failed, scoring in fp32: {e}");
+            return (plain(&rows.exact()), Effort { rescored: n as usize });
+        }
+    };
+    let mut effort = Effort::default();
+    let ranked = ks
+        .iter()
+        .enumerate()
+        .map(|(b, &k)| {
+            let (hits, rescored) = exact_top_k(&codes.select(b as i64), rows, attn, &approx[b], k);
+            effort.rescored += rescored;
+            hits
+        })
+        .collect();
+    (ranked, effort)
+}
+
+/// One context's approximate scores and their bounds, one entry per row.
+pub struct Approx {
+    pub score: Vec<f32>,
+    pub bound: Vec<f32>,
+}
+
+/// The context side of the low-precision GEMM, and for each context the scale and the error
+/// terms the bound needs.
+struct Keys {
+    /// int8: the packed `[B·m, d]` 7-bit codes; bf16: `[d, B·m]`.
+    keys: KeyMatrix,
+    /// int8: each context's scale (one for its m codes); bf16: 1.
+    scale: Vec<f32>,
+    /// int8: max over codes of Σ|low|; bf16: max over codes of |y|₂.
+    bound: Vec<f32>,
+    /// Per context, the codes softmax runs over (n_first pads short contexts with masked codes).
+    active: Vec<Vec<usize>>,
+}
+
+enum KeyMatrix {
+    Int8(int8::Packed),
+    Bf16(Tensor),
+}
+
+fn keys(codes: &ContextVectors, precision: Precision) -> Result<Keys, String> {
+    let (b, m, d) = codes.y.size3().expect("[B, m, d]");
+    let mask = codes.mask.to_kind(Kind::Float).unsqueeze(-1);
+    // Masked codes are zeroed: they take no part in the softmax (`active`) and add nothing.
+    let y = codes.y.to_kind(Kind::Float) * &mask;
+    let mask_rows: Vec<bool> = Vec::try_from(codes.mask.to_kind(Kind::Bool).reshape([-1])).unwrap_or_default();
+    let active = (0..b as usize).map(|i| (0..m as usize).filter(|&j| mask_rows[i * m as usize + j]).collect()).collect();
+    match precision {
+        Precision::Int8 => {
+            // 7 bits on this side (see `int8`).
+            let amax = y.abs().amax([1, 2], false); // [B]
+            let scale = amax.where_scalarother(&amax.gt(0.0), 63.0) / 63.0;
+            let low = (&y / scale.view([b, 1, 1])).round().clamp(-63.0, 63.0);
+            let bound = low.abs().sum_dim_intlist(2, false, Kind::Float).amax([1], false);
+            Ok(Keys {
+                keys: KeyMatrix::Int8(int8::prepack(&low.reshape([b * m, d]))?),
+                scale: Vec::try_from(scale).unwrap_or_default(),
+                bound: Vec::try_from(bound).unwrap_or_default(),
+                active,
+            })
+        }
+        Precision::Bfloat16 | Precision::Float32 => {
+            let norm = y.norm_scalaropt_dim(2.0, [2], false).amax([1], false);
+            Ok(Keys {
+                keys: KeyMatrix::Bf16(y.to_kind(Kind::BFloat16).reshape([b * m, d]).transpose(0, 1).contiguous()),
+                scale: vec![1.0; b as usize],
+                bound: Vec::try_from(norm).unwrap_or_default(),
+                active,
+            })
+        }
+    }
+}
+
+/// ŝ and ε for every row and context, a slice of rows at a time: the low-precision GEMM,
+/// then one pass per row over its m logits (dequantize, softmax, weighted sum, bound).
+pub fn approximate(codes: &ContextVectors, rows: &CandidateRows, t: f32) -> Result<Vec<Approx>, String> {
+    let (low, row_scale, row_bound) = rows.low().expect("low-precision rows");
+    let (b, m, d) = codes.y.size3().expect("[B, m, d]");
+    let k = keys(codes, rows.precision())?;
+    let n = rows.len();
+    let mut out: Vec<Approx> = (0..b).map(|_| Approx { score: vec![0.0; n as usize], bound: vec![0.0; n as usize] }).collect();
+    let slice = (SLICE_LOGITS / (b * m)).max(256);
+    let row_scale: Vec<f32> = Vec::try_from(row_scale).unwrap_or_default();
+    let row_bound: Vec<f32> = Vec::try_from(row_bound).unwrap_or_default();
+    for start in (0..n).step_by(slice as usize) {
+        let len = slice.min(n - start);
+        let part = low.narrow(0, start, len);
+        let range = start as usize..(start + len) as usize;
+        match &k.keys {
+            KeyMatrix::Int8(packed) => {
+                let logits = int8::matmul(&part, packed)?; // [len, B·m], exact integer sums
+                let logits: Vec<f32> = Vec::try_from(logits.reshape([-1])).unwrap_or_default();
+                for ctx in 0..b as usize {
+                    let rows = Block { logits: &logits, stride: (b * m) as usize, first: ctx * m as usize, active: &k.active[ctx] };
+                    let (ys, yb) = (k.scale[ctx], k.bound[ctx]);
+                    let half_d = d as f32 / 2.0;
+                    let o = &mut out[ctx];
+                    rows.fold(
+                        |j| row_scale[range.start + j] * ys,
+                        // |c·y − s_c s_y ĉ·ŷ| ≤ s_c s_y (Σ|ĉ| + Σ|ŷ| + d/2) / 2, ĉ, ŷ the codes.
+                        |j| row_scale[range.start + j] * ys * (row_bound[range.start + j] + yb + half_d) / 2.0,
+                        t,
+                        &mut o.score[range.clone()],
+                        &mut o.bound[range.clone()],
+                    );
+                }
+            }
+            KeyMatrix::Bf16(keys) => {
+                // bf16 products summed in fp32, the result rounded to bf16 (u = 2⁻⁸ each time):
+                // |c·y − x̂| ≤ |c||y| (3u + 4u² + d·2⁻²⁴), with margin.
+                let rel = 3.0 * 2f32.powi(-8) + 4.0 * 2f32.powi(-16) + d as f32 * 2f32.powi(-24);
+                let logits = part.matmul(keys).to_kind(Kind::Float);
+                let logits: Vec<f32> = Vec::try_from(logits.reshape([-1])).unwrap_or_default();
+                for ctx in 0..b as usize {
+                    let rows = Block { logits: &logits, stride: (b * m) as usize, first: ctx * m as usize, active: &k.active[ctx] };
+                    let yb = k.bound[ctx];
+                    let o = &mut out[ctx];
+                    rows.fold(
+                        |_| 1.0,
+                        |j| row_bound[range.start + j] * yb * rel * 1.01,
+                        t,
+                        &mut o.score[range.clone()],
+                        &mut o.bound[range.clone()],
+                    );
+                }
+            }
+        }
+    }
+    Ok(out)
+}
+
+/// One context's logits in a slice: row j's are `logits[j·stride + first + i]`, i in `active`.
+struct Block<'a> {
+    logits: &'a [f32],
+    stride: usize,
+    first: usize,
+    active: &'a [usize],
+}
+
+impl Block<'_> {
+    /// For each row: x = logit · scale(j); ŝ = Σ softmax(x/t) x; ε = δ(j)·(1 + (range + 2δ)/t)
+    /// plus the slack of the fast exp (relative 2e-7 → weights off by 1e-6) and the fp32 sums.
+    fn fold(&self, scale: impl Fn(usize) -> f32, delta: impl Fn(usize) -> f32, t: f32, score: &mut [f32], bound: &mut [f32]) {
+        let m = self.active.len();
+        let contiguous = self.active.iter().enumerate().all(|(i, &a)| a == i);
+        let mut x = vec![0f32; m];
+        let inv_t = 1.0 / t;
+        for j in 0..score.len() {
+            let row = &self.logits[j * self.stride + self.first..];
+            let s = scale(j);
+            if contiguous {
+                for (xi, &l) in x.iter_mut().zip(&row[..m]) {
+                    *xi = l * s;
+                }
+            } else {
+                for (xi, &a) in x.iter_mut().zip(self.active) {
+                    *xi = row[a] * s;
+                }
+            }
+            let (sh, range, top) = softmax_mean(&mut x, inv_t);
+            let dl = delta(j);
+            score[j] = sh;
+            bound[j] = dl * (1.0 + (range + 2.0 * dl) * inv_t) + 1e-5 * (range + top) + f32::MIN_POSITIVE;
+        }
+    }
+}
+
+/// Σ softmax(x/t)·x over `x` (overwritten), with the range of x and max |x|.
+#[inline]
+fn softmax_mean(x: &mut [f32], inv_t: f32) -> (f32, f32, f32) {
+    if x.is_empty() {
+        return (0.0, 0.0, 0.0);
+    }
+    let (mut hi, mut lo) = (f32::NEG_INFINITY, f32::INFINITY);
+    for &v in x.iter() {
+        hi = hi.max(v);
+        lo = lo.min(v);
+    }
+    let (mut sum, mut weighted) = (0f32, 0f32);
+    for v in x.iter_mut() {
+        let e = fast_exp((*v - hi) * inv_t);
+        sum += e;
+        weighted += e * *v;
+    }
+    (weighted / sum, hi - lo, hi.abs().max(lo.abs()))
+}
+
+/// e^z for z ≤ 0, relative error below 2e-7 (Cody–Waite reduction to [−ln2/2, ln2/2], a
+/// degree-6 Taylor polynomial); plain arithmetic, so the loop around it vectorizes.
+#[inline]
+fn fast_exp(z: f32) -> f32 {
+    const LOG2E: f32 = std::f32::consts::LOG2_E;
+    const LN2_HI: f32 = 0.693_145_75;
+    const LN2_LO: f32 = 1.428_606_8e-6;
+    let z = z.max(-87.0);
+    // round(z·log2e) by the 1.5·2²³ trick (round to nearest even, no branch)
+    let n = (z * LOG2E + 12_582_912.0) - 12_582_912.0;
+    let r = (z - n * LN2_HI) - n * LN2_LO;
+    let p = 1.0 + r * (1.0 + r * (0.5 + r * (1.0 / 6.0 + r * (1.0 / 24.0 + r * (1.0 / 120.0 + r * (1.0 / 720.0))))));
+    p * f32::from_bits(((n as i32 + 127) as u32) << 23)
+}
+
+/// The fp32 top-k of one context from its approximate scores: the first shortlist, then the
+/// guard; returns the hits and how many rows were re-scored.
+fn exact_top_k(codes: &ContextVectors, rows: &CandidateRows, attn: &Attention, approx: &Approx, k: i64) -> (Vec<(i64, f32)>, usize) {
+    let n = rows.len();
+    let k = k.min(n);
+    if k <= 0 {
+        return (Vec::new(), 0);
+    }
+    let first = (k * SHORTLIST).max(MIN_SHORTLIST).min(n) as usize;
+    let mut order: Vec<u32> = (0..n as u32).collect();
+    let by_score = |a: &u32, b: &u32| approx.score[*b as usize].total_cmp(&approx.score[*a as usize]);
+    if first < order.len() {
+        order.select_nth_unstable_by(first - 1, by_score);
+    }
+    let mut scored = rescore(codes, rows, attn, &order[..first]);
+    let mut exact: Vec<f32> = scored.iter().map(|h| h.1).collect();
+    exact.select_nth_unstable_by((k - 1) as usize, |a, b| b.total_cmp(a));
+    let floor = exact[(k - 1) as usize];
+    // The exact scores carry fp32 rounding too: keep rows that tie within it.
+    let floor = floor - 1e-5 * floor.abs() - f32::MIN_POSITIVE;
+    let guard: Vec<u32> = order[first..]
+        .iter()
+        .copied()
+        .filter(|&r| approx.score[r as usize] + approx.bound[r as usize] >= floor)
+        .collect();
+    if !guard.is_empty() {
+        scored.extend(rescore(codes, rows, attn, &guard));
+    }
+    let rescored = scored.len();
+    scored.sort_unstable_by(|a, b| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0)));
+    scored.truncate(k as usize);
+    (scored, rescored)
+}
+
+/// fp32 scores of the given rows, from their rebuilt vectors.
+fn rescore(codes: &ContextVectors, rows: &CandidateRows, attn: &Attention, which: &[u32]) -> Vec<(i64, f32)> {
+    let ids: Vec<i64> = which.iter().map(|&r| r as i64).collect();
+    let mut out = Vec::with_capacity(ids.len());
+    // Slices bound the rebuilt copy when the guard lets many rows through.
+    for part in ids.chunks(16_384) {
+        let idx = Tensor::from_slice(part).to_device(rows.device());
+        let exact = rows.select(&idx).exact();
+        let scores: Vec<f32> = Vec::try_from(scoring::score(codes, &exact, attn).get(0).to_kind(Kind::Float)).unwrap_or_default();
+        out.extend(part.iter().copied().zip(scores));
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tch::{nn, Device};
+
+    /// Random pools and contexts at several scales (flat and peaked softmax), every
+    /// attention kind and masked codes: the low-precision answer is the fp32 one.
+    #[test]
+    fn low_precision_rankings_are_the_fp32_rankings() {
+        tch::manual_seed(7);
+        let vs = nn::VarStore::new(Device::Cpu);
+        let d = 32;
+        let spec = |kind, heads| super::super::format::AttentionSpec { kind, heads };
+        use super::super::format::AttentionKind as K;
+        let attns = [
+            Attention::new(vs.root() / "b", spec(K::Basic, 1), d),
+            Attention::new(vs.root() / "s", spec(K::Sqrt, 1), d),
+            Attention::new(vs.root() / "m", spec(K::Multihead, 4), d),
+        ];
+        for (case, (n, m, scale)) in [(5000i64, 8i64, 0.3f64), (3000, 16, 3.0), (4096, 1, 1.0), (2500, 4, 10.0)].into_iter().enumerate() {
+            let pool = Tensor::randn([n, d], (Kind::Float, Device::Cpu));
+            let y = Tensor::randn([3, m, d], (Kind::Float, Device::Cpu)) * scale;
+            // Context 1 has its last codes masked (n_first on a short context).
+            let mask = Tensor::ones([3, m], (Kind::Bool, Device::Cpu));
+            if m > 2 {
+                let _ = mask.get(1).narrow(0, m / 2, m - m / 2).fill_(0);
+            }
+            let y = &y * mask.to_kind(Kind::Float).unsqueeze(-1);
+            let codes = ContextVectors { y, mask };
+            for attn in &attns {
+                let want: Vec<Vec<(i64, f32)>> = {
+                    let s = scoring::score(&codes, &pool, attn);
+                    [10i64, 1, 50].iter().enumerate().map(|(b, &k)| scoring::top_k(&s.get(b as i64), k)).collect()
+                };
+                for p in [Precision::Int8, Precision::Bfloat16] {
+                    let rows = CandidateRows::encode(&pool, p, Kind::Float);
+                    let (got, effort) = rank(&codes, &rows, attn, &[10, 1, 50]);
+                    for (g, w) in got.iter().zip(&want) {
+                        let gi: Vec<i64> = g.iter().map(|h| h.0).collect();
+                        let wi: Vec<i64> = w.iter().map(|h| h.0).collect();
+                        assert_eq!(gi, wi, "case {case} {p:?} {attn:?}");
+                        for (a, b) in g.iter().zip(w) {
+                            assert!((a.1 - b.1).abs() <= 1e-5 * b.1.abs().max(1.0), "case {case} {p:?}: {} vs {}", a.1, b.1);
+                        }
+                    }
+                    assert!(effort.rescored >= 10 + 1 + 50);
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn fast_exp_is_close_to_exp() {
+        let mut worst = 0f64;
+        for i in 0..=200_000 {
+            let z = -(i as f32) * 80.0 / 200_000.0;
+            let (a, b) = (fast_exp(z) as f64, (z as f64).exp());
+            worst = worst.max(((a - b) / b).abs());
+        }
+        assert!(worst < 5e-7, "relative error {worst}");
+        assert_eq!(fast_exp(-1000.0) < 1e-37, true);
+    }
+
+    #[test]
+    fn softmax_mean_matches_the_definition() {
+        let x0: Vec<f32> = (0..64).map(|i| ((i * 37 % 64) as f32 - 32.0) / 7.0).collect();
+        for t in [1.0f32, 19.6] {
+            let mut x = x0.clone();
+            let (s, range, top) = softmax_mean(&mut x, 1.0 / t);
+            let w: Vec<f64> = x0.iter().map(|&v| ((v - x0.iter().cloned().fold(f32::MIN, f32::max)) as f64 / t as f64).exp()).collect();
+            let want = w.iter().zip(&x0).map(|(w, &v)| w * v as f64).sum::<f64>() / w.iter().sum::<f64>();
+            assert!((s as f64 - want).abs() < 1e-5, "{s} vs {want}");
+            assert!((range - 63.0 / 7.0).abs() < 1e-5 && (top - 32.0 / 7.0).abs() < 1e-5);
+        }
+    }
+}
