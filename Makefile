@@ -9,7 +9,7 @@ export POLYRANK_PYTHON := $(VENV)/bin/python
 # keep test parallelism modest.
 CARGO_TEST_THREADS ?= 2
 
-.PHONY: run test venv build model tools data heads finetuned default-model eval-table bench bench-replicas fuzz container-check
+.PHONY: run test venv build model tools data heads finetuned default-model eval-table bench bench-replicas bench-precision fuzz container-check
 
 venv:
 	bash scripts/setup-venv.sh
@@ -92,6 +92,10 @@ bench: venv model
 	cargo bench --bench serve
 
 # The shared store's figures (README, "Several replicas"): replication lag, write throughput,
+# The scoring stage in float32, int8 and bf16 on the same rows (bench/precision.md).
+bench-precision: venv model
+	cargo bench --bench precision
+
 # /rank shared vs local, a replica's ready time from PostgreSQL (bench/replicas.md).
 bench-replicas: venv model tools
 	cargo bench --bench replicas

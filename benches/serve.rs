@@ -276,7 +276,7 @@ fn filter_bench(dir: &Path, model: &Path, n: usize, d: i64, seconds: f64) -> Str
         (0..n).map(|i| Candidate { id: format!("f{i}"), text: format!("candidate {i}"), meta: Some(json!({"bucket": i % 100})) }).collect();
     std::fs::write(&pool, cands.iter().map(|c| serde_json::to_string(c).unwrap() + "\n").collect::<String>()).unwrap();
     let settings = polyrank::model::format::PolySettings::load(model).unwrap();
-    let cache = polyrank::pool::cache::PoolCache::new(&dir.join("cache"), model, &settings, std::slice::from_ref(&pool)).unwrap();
+    let cache = polyrank::pool::cache::PoolCache::new(&dir.join("cache"), model, &settings, std::slice::from_ref(&pool), polyrank::config::Dtype::Float32).unwrap();
     tch::manual_seed(7);
     let v = Tensor::randn([n as i64, d], (Kind::Float, Device::Cpu));
     let v = &v / v.norm_scalaropt_dim(2.0, [-1], true);

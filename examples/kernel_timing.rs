@@ -44,7 +44,7 @@ fn run() {
     println!("top-10        {:.2} ms", time(20, || { let _ = top_k(&s, 10); }));
     // The server's pool comes from the cache file, and runs on its own thread.
     let dir = tempfile::tempdir().unwrap();
-    let cache = polyrank::pool::cache::PoolCache::new(dir.path(), std::path::Path::new("models/default"), &r.model.settings, &[]).unwrap();
+    let cache = polyrank::pool::cache::PoolCache::new(dir.path(), std::path::Path::new("models/default"), &r.model.settings, &[], polyrank::config::Dtype::Float32).unwrap();
     cache.store(&pool).unwrap();
     let loaded = cache.load(n as usize, d as usize).unwrap();
     println!("kernel, pool from cache {:.2} ms", time(20, || { let _ = r.model.score(&codes, &loaded); }));

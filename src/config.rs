@@ -264,6 +264,15 @@ pub enum Dtype {
 }
 
 impl Dtype {
+    /// What the encoders' precision adds to the keys of encoded vectors (pool cache, store).
+    pub fn key_bytes(self) -> &'static [u8] {
+        match self {
+            Dtype::Float32 => b"",
+            Dtype::Float16 => b"|dtype=float16",
+            Dtype::Bfloat16 => b"|dtype=bfloat16",
+        }
+    }
+
     pub fn kind(self) -> tch::Kind {
         match self {
             Dtype::Float32 => tch::Kind::Float,

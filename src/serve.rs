@@ -95,7 +95,7 @@ fn open_store(config: &Config) -> Result<Box<dyn Durable>> {
 /// This model's and pool's cache file in `cache_dir` (its name is the content key).
 fn cache_file(config: &Config) -> Result<PathBuf> {
     let settings = crate::model::format::PolySettings::load(config.model_dir())?;
-    Ok(PoolCache::new(&config.cache_dir, config.model_dir(), &settings, &config.candidates)?.path)
+    Ok(PoolCache::new(&config.cache_dir, config.model_dir(), &settings, &config.candidates, config.dtype)?.path)
 }
 
 /// Pool caches made when the install was built, read-only: `<prefix>/share/polyrank/pool-cache`

@@ -38,7 +38,7 @@ fn big_store(model: &Path, seed_file: &Path, store: &Path, n: usize) {
     std::fs::create_dir_all(store).unwrap();
     let header = SnapshotHeader {
         version: 1,
-        vectors_key: vectors_key(model, &settings).unwrap(),
+        vectors_key: vectors_key(model, &settings, polyrank::config::Dtype::Float32).unwrap(),
         seed_hash: seed_hash(&[PathBuf::from(seed_file)]).unwrap(),
         last_seq: 0,
         n,

@@ -89,7 +89,7 @@ pub fn synthetic_pool(dir: &Path, model: &Path, n: usize, d: i64) -> (PathBuf, P
     std::fs::write(&ids, (1..=n).map(|i| format!("pool-{n}-{i}\n")).collect::<String>()).unwrap();
     let cache_dir = dir.join("cache");
     let settings = PolySettings::load(model).unwrap();
-    let cache = PoolCache::new(&cache_dir, model, &settings, std::slice::from_ref(&pool)).unwrap();
+    let cache = PoolCache::new(&cache_dir, model, &settings, std::slice::from_ref(&pool), polyrank::config::Dtype::Float32).unwrap();
     tch::manual_seed(n as i64);
     let v = Tensor::randn([n as i64, d], (Kind::Float, Device::Cpu));
     let v = &v / v.norm_scalaropt_dim(2.0, [-1], true);

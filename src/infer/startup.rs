@@ -17,7 +17,7 @@ impl Worker {
     /// The pool, the `seq` it is at, and the pool cache when seeding used it (to be cleaned).
     pub(super) fn open_pool(&self, store: &mut dyn Durable) -> Result<(LivePool, u64, Option<PoolCache>)> {
         let files = self.config.candidates.clone();
-        let key = vectors_key(self.config.model_dir(), &self.ranker.model.settings)?;
+        let key = vectors_key(self.config.model_dir(), &self.ranker.model.settings, self.config.dtype)?;
         let mut opening = Opening { worker: self, cache: None };
         let (pool, seq) = store.open(&files, &key, &mut opening)?;
         let cache = opening.cache;
@@ -86,7 +86,7 @@ impl Encoder for Opening<'_> {
     /// encoded and cached (a second store, e.g. another replica's, then starts from it).
     fn seed(&mut self, pool: &Pool) -> Result<Tensor> {
         let w = self.worker;
-        let cache = PoolCache::new(&w.config.cache_dir, w.config.model_dir(), &w.ranker.model.settings, &w.config.candidates)?;
+        let cache = PoolCache::new(&w.config.cache_dir, w.config.model_dir(), &w.ranker.model.settings, &w.config.candidates, w.config.dtype)?;
         w.status.set_total(pool.len());
         let t0 = Instant::now();
         let v = match cache.load(pool.len(), w.ranker.model.dim() as usize) {

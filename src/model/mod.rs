@@ -162,7 +162,7 @@ impl PolyEncoder {
     /// One context against `pool`, approximately: only the `preselect` rows with the best dot
     /// product against the masked mean of the context's vectors (a bi-encoder pass, 2·d·N
     /// FLOPs instead of 2·m·d·N, in the rows' precision) are scored exactly.
-    pub(crate) fn rank_approximate(&self, codes: &ContextVectors, pool: &CandidateRows, preselect: i64, k: i64) -> Vec<(i64, f32)> {
+    pub fn rank_approximate(&self, codes: &ContextVectors, pool: &CandidateRows, preselect: i64, k: i64) -> Vec<(i64, f32)> {
         let mask = codes.mask.to_kind(Kind::Float).unsqueeze(-1); // [1, m, 1]
         let mean = (&codes.y.to_kind(Kind::Float) * &mask).sum_dim_intlist(1, false, Kind::Float) / mask.sum(Kind::Float).clamp_min(1.0); // [1, d]
         let mean = mean.transpose(0, 1).contiguous(); // [d, 1]

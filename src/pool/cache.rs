@@ -23,8 +23,9 @@ pub struct PoolCache {
 }
 
 impl PoolCache {
-    /// `extra` carries serving settings that change the vectors (none today besides the files).
-    pub fn new(cache_dir: &Path, model_dir: &Path, settings: &PolySettings, candidate_files: &[PathBuf]) -> Result<Self> {
+    /// `dtype`: the encoders' compute precision, which changes the vectors (float32 adds
+    /// nothing to the key, so caches written before it was part of it stay valid).
+    pub fn new(cache_dir: &Path, model_dir: &Path, settings: &PolySettings, candidate_files: &[PathBuf], dtype: crate::config::Dtype) -> Result<Self> {
         let mut h = Sha256::new();
         h.update(MAGIC);
         // The order of the first files is part of the key: keep it, so existing caches stay valid.
@@ -39,6 +40,7 @@ impl PoolCache {
         for f in &files {
             fingerprint::hash_file(&mut h, f)?;
         }
+        h.update(dtype.key_bytes());
         let key: [u8; 32] = h.finalize().into();
         Ok(PoolCache { path: cache_dir.join(format!("{}.pool", hex::encode(key))), key })
     }

@@ -192,7 +192,10 @@ pub fn seed_hash(files: &[PathBuf]) -> Result<String> {
 }
 
 /// What the store's vectors are keyed by: the candidate side of the model, by content.
-pub fn vectors_key(model_dir: &Path, settings: &crate::model::format::PolySettings) -> Result<String> {
-    crate::fingerprint::encoder_fingerprint(model_dir, settings, b"candidate vectors")
+pub fn vectors_key(model_dir: &Path, settings: &crate::model::format::PolySettings, dtype: crate::config::Dtype) -> Result<String> {
+    // Vectors encoded in bf16 differ from fp32 ones: a store written under one is re-encoded
+    // under the other, as for a model change (float32 keeps the key it always had).
+    let extra = [b"candidate vectors".as_slice(), dtype.key_bytes()].concat();
+    crate::fingerprint::encoder_fingerprint(model_dir, settings, &extra)
 }
 
