@@ -12,9 +12,12 @@ use crate::text::TextKind;
 use std::time::Instant;
 use tch::{Kind, Tensor};
 
-/// Rows the measurement ranks: enough that the GEMM dominates as it does at 100k (below about
-/// 10k rows fixed costs blur the comparison), few enough that it takes well under a second.
+/// Most rows the measurement ranks: the pool's own size up to this (which precision wins
+/// depends on it: int8 lost to float32 at 4k rows and won at 100k on the AVX2 machine, see
+/// bench/precision.md), few enough that it takes well under a second.
 const SAMPLE_ROWS: i64 = 32_768;
+/// Fewest rows measured: a pool that starts small is measured at a size it may grow to.
+const MIN_SAMPLE_ROWS: i64 = 4_096;
 /// Rankings timed per precision (after one warm-up); the median counts.
 const ROUNDS: usize = 5;
 /// A low precision must beat float32 by this factor to be picked: a tie keeps the plain path.
@@ -94,21 +97,22 @@ fn measure(ranker: &Ranker, pool: &LivePool, requested: ScoringPrecision, int8: 
     Choice { precision, requested, reason, measured_ms: measured, sample_rows: sample.size()[0] }
 }
 
-/// Up to `SAMPLE_ROWS` of the pool's rows, spread over it; a small pool is topped up with
-/// random vectors of its rows' mean norm (the shape is what is measured, and a pool grows).
+/// Up to `SAMPLE_ROWS` of the pool's rows, spread over it; a pool under `MIN_SAMPLE_ROWS` is
+/// topped up with random vectors of its rows' mean norm.
 fn sample_rows(pool: &LivePool, d: i64) -> Tensor {
     let n = pool.len() as i64;
+    let want = n.clamp(MIN_SAMPLE_ROWS, SAMPLE_ROWS);
     let real = if n > SAMPLE_ROWS {
         let idx = Tensor::arange_start_step(0, n, n / SAMPLE_ROWS, (Kind::Int64, tch::Device::Cpu)).narrow(0, 0, SAMPLE_ROWS);
         pool.vectors().select(&idx.to_device(pool.vectors().device())).exact().to_device(tch::Device::Cpu)
     } else {
         pool.exact_vectors().to_device(tch::Device::Cpu)
     };
-    if n >= SAMPLE_ROWS {
+    if n >= want {
         return real;
     }
     let norm = if n > 0 { real.norm_scalaropt_dim(2.0, [1], false).mean(Kind::Float).double_value(&[]) } else { 1.0 };
-    let fill = Tensor::randn([SAMPLE_ROWS - n, d], (Kind::Float, tch::Device::Cpu));
+    let fill = Tensor::randn([want - n, d], (Kind::Float, tch::Device::Cpu));
     let fill = &fill / fill.norm_scalaropt_dim(2.0, [1], true) * norm;
     Tensor::cat(&[real, fill], 0)
 }

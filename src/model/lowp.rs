@@ -156,8 +156,8 @@ pub fn approximate(codes: &ContextVectors, rows: &CandidateRows, t: f32) -> Resu
         let range = start as usize..(start + len) as usize;
         match &k.keys {
             KeyMatrix::Int8(packed) => {
-                let logits = int8::matmul(&part, packed)?; // [len, B·m], exact integer sums
-                let logits: Vec<f32> = Vec::try_from(logits.reshape([-1])).unwrap_or_default();
+                let logits = int8::matmul(&part, packed)?.contiguous(); // [len, B·m], exact integer sums
+                let logits = host_f32(&logits);
                 for ctx in 0..b as usize {
                     let rows = Block { logits: &logits, stride: (b * m) as usize, first: ctx * m as usize, active: &k.active[ctx] };
                     let (ys, yb) = (k.scale[ctx], k.bound[ctx]);
@@ -177,8 +177,8 @@ pub fn approximate(codes: &ContextVectors, rows: &CandidateRows, t: f32) -> Resu
                 // bf16 products summed in fp32, the result rounded to bf16 (u = 2⁻⁸ each time):
                 // |c·y − x̂| ≤ |c||y| (3u + 4u² + d·2⁻²⁴), with margin.
                 let rel = 3.0 * 2f32.powi(-8) + 4.0 * 2f32.powi(-16) + d as f32 * 2f32.powi(-24);
-                let logits = part.matmul(keys).to_kind(Kind::Float);
-                let logits: Vec<f32> = Vec::try_from(logits.reshape([-1])).unwrap_or_default();
+                let logits = part.matmul(keys).to_kind(Kind::Float).contiguous();
+                let logits = host_f32(&logits);
                 for ctx in 0..b as usize {
                     let rows = Block { logits: &logits, stride: (b * m) as usize, first: ctx * m as usize, active: &k.active[ctx] };
                     let yb = k.bound[ctx];
@@ -197,7 +197,16 @@ pub fn approximate(codes: &ContextVectors, rows: &CandidateRows, t: f32) -> Resu
     Ok(out)
 }
 
+/// A contiguous fp32 CPU tensor's data, borrowed (copying 1 MB per slice cost ~5 ms at 100k).
+fn host_f32(t: &Tensor) -> &[f32] {
+    assert!(t.kind() == Kind::Float && t.is_contiguous() && t.device() == tch::Device::Cpu);
+    // SAFETY: a contiguous fp32 CPU tensor holds numel() f32s at data_ptr(); the slice
+    // borrows `t`, which keeps the storage alive and is not written while it is borrowed.
+    unsafe { std::slice::from_raw_parts(t.data_ptr() as *const f32, t.numel()) }
+}
+
 /// One context's logits in a slice: row j's are `logits[j·stride + first + i]`, i in `active`.
+#[derive(Clone, Copy)]
 struct Block<'a> {
     logits: &'a [f32],
     stride: usize,
@@ -206,14 +215,23 @@ struct Block<'a> {
 }
 
 impl Block<'_> {
-    /// `fold_rows`, compiled for AVX2 + FMA where the CPU has them (8 lanes instead of SSE2's 4).
+    /// One pass over the slice's rows. Splitting the rows over a second thread made it slower
+    /// here: libtorch's OpenMP workers spin for a while after the GEMM and take the core.
     fn fold(&self, scale: impl Fn(usize) -> f32, delta: impl Fn(usize) -> f32, t: f32, score: &mut [f32], bound: &mut [f32]) {
+        self.fold_one(&scale, &delta, t, 0, score, bound)
+    }
+
+    /// `fold_rows`, compiled for AVX2 + FMA where the CPU has them (8 lanes instead of SSE2's 4).
+    fn fold_one(&self, scale: &impl Fn(usize) -> f32, delta: &impl Fn(usize) -> f32, t: f32, first: usize, score: &mut [f32], bound: &mut [f32]) {
+        let scale = |j: usize| scale(first + j);
+        let delta = |j: usize| delta(first + j);
+        let block = Block { logits: &self.logits[first * self.stride..], ..*self };
         #[cfg(target_arch = "x86_64")]
         if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma") {
             // SAFETY: the CPU has both features, checked just above.
-            return unsafe { self.fold_avx2(scale, delta, t, score, bound) };
+            return unsafe { block.fold_avx2(scale, delta, t, score, bound) };
         }
-        self.fold_rows(scale, delta, t, score, bound)
+        block.fold_rows(scale, delta, t, score, bound)
     }
 
     #[cfg(target_arch = "x86_64")]
