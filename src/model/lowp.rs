@@ -61,7 +61,7 @@ pub fn rank(codes: &ContextVectors, rows: &CandidateRows, attn: &Attention, ks: 
     if n < MIN_LOW_ROWS || rows.device() != tch::Device::Cpu {
         return (plain(&rows.exact()), Effort { rescored: n as usize });
     }
-    let approx = match approximate(codes, rows, t) {
+    let approx = match approximate(codes, rows, t, ks) {
         Ok(a) => a,
         // Startup checked the int8 GEMM; should it fail later, the answer is still exact.
         Err(e) => {
@@ -141,7 +141,7 @@ fn keys(codes: &ContextVectors, precision: Precision) -> Result<Keys, String> {
 
 /// ŝ and ε for every row and context, a slice of rows at a time: the low-precision GEMM,
 /// then one pass per row over its m logits (dequantize, softmax, weighted sum, bound).
-pub fn approximate(codes: &ContextVectors, rows: &CandidateRows, t: f32) -> Result<Vec<Approx>, String> {
+pub fn approximate(codes: &ContextVectors, rows: &CandidateRows, t: f32, ks: &[i64]) -> Result<Vec<Approx>, String> {
     let (low, row_scale, row_bound) = rows.low().expect("low-precision rows");
     let (b, m, d) = codes.y.size3().expect("[B, m, d]");
     let k = keys(codes, rows.precision())?;
@@ -150,6 +150,7 @@ pub fn approximate(codes: &ContextVectors, rows: &CandidateRows, t: f32) -> Resu
     let slice = (SLICE_LOGITS / (b * m)).max(256);
     let row_scale: Vec<f32> = Vec::try_from(row_scale).unwrap_or_default();
     let row_bound: Vec<f32> = Vec::try_from(row_bound).unwrap_or_default();
+    let mut floors: Vec<Floor> = ks.iter().map(|&k| Floor::new(k.max(0) as usize)).collect();
     for start in (0..n).step_by(slice as usize) {
         let len = slice.min(n - start);
         let part = low.narrow(0, start, len);
@@ -168,6 +169,7 @@ pub fn approximate(codes: &ContextVectors, rows: &CandidateRows, t: f32) -> Resu
                         // |c·y − s_c s_y ĉ·ŷ| ≤ s_c s_y (Σ|ĉ| + Σ|ŷ| + d/2) / 2, ĉ, ŷ the codes.
                         |j| row_scale[range.start + j] * ys * (row_bound[range.start + j] + yb + half_d) / 2.0,
                         t,
+                        &mut floors[ctx],
                         &mut o.score[range.clone()],
                         &mut o.bound[range.clone()],
                     );
@@ -187,6 +189,7 @@ pub fn approximate(codes: &ContextVectors, rows: &CandidateRows, t: f32) -> Resu
                         |_| 1.0,
                         |j| row_bound[range.start + j] * yb * rel * 1.01,
                         t,
+                        &mut floors[ctx],
                         &mut o.score[range.clone()],
                         &mut o.bound[range.clone()],
                     );
@@ -215,28 +218,34 @@ struct Block<'a> {
 }
 
 impl Block<'_> {
-    /// One pass over the slice's rows. Splitting the rows over a second thread made it slower
-    /// here: libtorch's OpenMP workers spin for a while after the GEMM and take the core.
-    fn fold(&self, scale: impl Fn(usize) -> f32, delta: impl Fn(usize) -> f32, t: f32, score: &mut [f32], bound: &mut [f32]) {
-        self.fold_one(&scale, &delta, t, 0, score, bound)
-    }
-
-    /// `fold_rows`, compiled for AVX2 + FMA where the CPU has them (8 lanes instead of SSE2's 4).
-    fn fold_one(&self, scale: &impl Fn(usize) -> f32, delta: &impl Fn(usize) -> f32, t: f32, first: usize, score: &mut [f32], bound: &mut [f32]) {
-        let scale = |j: usize| scale(first + j);
-        let delta = |j: usize| delta(first + j);
-        let block = Block { logits: &self.logits[first * self.stride..], ..*self };
+    /// One pass over the slice's rows (one thread: splitting the rows over a second one made
+    /// it slower here, libtorch's OpenMP workers spin for a while after the GEMM).
+    fn fold(&self, scale: impl Fn(usize) -> f32, delta: impl Fn(usize) -> f32, t: f32, floor: &mut Floor, score: &mut [f32], bound: &mut [f32]) {
+        let m = self.active.len();
+        let contiguous = self.active.iter().enumerate().all(|(i, &a)| a == i);
         #[cfg(target_arch = "x86_64")]
-        if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma") {
-            // SAFETY: the CPU has both features, checked just above.
-            return unsafe { block.fold_avx2(scale, delta, t, score, bound) };
+        if contiguous && m % 8 == 0 && m > 0 && std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma") {
+            let inv_t = 1.0 / t;
+            for j in 0..score.len() {
+                let row = &self.logits[j * self.stride + self.first..][..m];
+                let dl = delta(j);
+                // s ≤ max x (a softmax-weighted mean) ≤ max x̂ + δ: a row whose max logit is
+                // under the floor minus δ cannot reach the top k, and skips its softmax.
+                // SAFETY: the CPU has AVX2 and FMA (checked above); `row` holds m = 8·k floats.
+                match unsafe { avx2::softmax_mean(row, scale(j), inv_t, floor.value() - dl) } {
+                    Some((sh, range, top)) => {
+                        score[j] = sh;
+                        bound[j] = bound_of(dl, range, top, inv_t);
+                        floor.offer(sh - bound[j]);
+                    }
+                    None => {
+                        score[j] = f32::NEG_INFINITY;
+                        bound[j] = 0.0;
+                    }
+                }
+            }
+            return;
         }
-        block.fold_rows(scale, delta, t, score, bound)
-    }
-
-    #[cfg(target_arch = "x86_64")]
-    #[target_feature(enable = "avx2,fma")]
-    unsafe fn fold_avx2(&self, scale: impl Fn(usize) -> f32, delta: impl Fn(usize) -> f32, t: f32, score: &mut [f32], bound: &mut [f32]) {
         self.fold_rows(scale, delta, t, score, bound)
     }
 
@@ -263,7 +272,151 @@ impl Block<'_> {
             let (sh, range, top) = softmax_mean(&x, inv_t);
             let dl = delta(j);
             score[j] = sh;
-            bound[j] = dl * (1.0 + (range + 2.0 * dl) * inv_t) + 1e-5 * (range + top) + f32::MIN_POSITIVE;
+            bound[j] = bound_of(dl, range, top, inv_t);
+        }
+    }
+}
+
+/// The k-th best lower bound (ŝ − ε) seen so far: no row's true score under it can be in
+/// the top k, since k rows score at least that much.
+struct Floor {
+    k: usize,
+    best: std::collections::BinaryHeap<std::cmp::Reverse<Key>>,
+}
+
+#[derive(PartialEq)]
+struct Key(f32);
+impl Eq for Key {}
+impl PartialOrd for Key {
+    fn partial_cmp(&self, o: &Self) -> Option<std::cmp::Ordering> {
+        Some(self.cmp(o))
+    }
+}
+impl Ord for Key {
+    fn cmp(&self, o: &Self) -> std::cmp::Ordering {
+        self.0.total_cmp(&o.0)
+    }
+}
+
+impl Floor {
+    fn new(k: usize) -> Self {
+        Floor { k, best: std::collections::BinaryHeap::with_capacity(k + 1) }
+    }
+
+    fn value(&self) -> f32 {
+        match self.best.peek() {
+            Some(std::cmp::Reverse(Key(v))) if self.best.len() >= self.k && self.k > 0 => *v,
+            _ => f32::NEG_INFINITY,
+        }
+    }
+
+    fn offer(&mut self, lower: f32) {
+        if self.k == 0 || !lower.is_finite() {
+            return;
+        }
+        if self.best.len() < self.k {
+            self.best.push(std::cmp::Reverse(Key(lower)));
+        } else if lower > self.value() {
+            self.best.pop();
+            self.best.push(std::cmp::Reverse(Key(lower)));
+        }
+    }
+}
+
+/// ε from the logit error δ, the row's logit range and max |x| (see the module doc).
+#[inline(always)]
+fn bound_of(delta: f32, range: f32, top: f32, inv_t: f32) -> f32 {
+    delta * (1.0 + (range + 2.0 * delta) * inv_t) + 1e-5 * (range + top) + f32::MIN_POSITIVE
+}
+
+/// The row pass in AVX2 + FMA intrinsics for m a multiple of 8 (every codes model; n_first
+/// contexts of other lengths take the portable path). The portable loop, even compiled for
+/// AVX2, took 29–53 ms at 100k rows × 64 codes: about as long as the int8 GEMM.
+#[cfg(target_arch = "x86_64")]
+mod avx2 {
+    use std::arch::x86_64::*;
+
+    /// `softmax_mean` of `row · scale`: (Σ softmax(x/t)·x, range of x, max |x|).
+    #[target_feature(enable = "avx2,fma")]
+    /// None, without the exponentials, when max x < `cutoff`.
+    pub unsafe fn softmax_mean(row: &[f32], scale: f32, inv_t: f32, cutoff: f32) -> Option<(f32, f32, f32)> {
+        let n = row.len() / 8;
+        let s = _mm256_set1_ps(scale);
+        let (mut hi, mut lo) = (_mm256_set1_ps(f32::NEG_INFINITY), _mm256_set1_ps(f32::INFINITY));
+        let mut x = [_mm256_setzero_ps(); 16];
+        let x = &mut x[..n.min(16)];
+        if n > 16 {
+            return Some(super::softmax_mean(&row.iter().map(|v| v * scale).collect::<Vec<_>>(), inv_t));
+        }
+        for (i, xi) in x.iter_mut().enumerate() {
+            *xi = _mm256_mul_ps(_mm256_loadu_ps(row.as_ptr().add(i * 8)), s);
+            hi = _mm256_max_ps(hi, *xi);
+            lo = _mm256_min_ps(lo, *xi);
+        }
+        let (h, l) = (hmax(hi), -hmax(_mm256_sub_ps(_mm256_setzero_ps(), lo)));
+        if h < cutoff {
+            return None;
+        }
+        let (hv, it) = (_mm256_set1_ps(h), _mm256_set1_ps(inv_t));
+        let (mut sum, mut weighted) = (_mm256_setzero_ps(), _mm256_setzero_ps());
+        for xi in x.iter() {
+            let e = exp(_mm256_mul_ps(_mm256_sub_ps(*xi, hv), it));
+            sum = _mm256_add_ps(sum, e);
+            weighted = _mm256_fmadd_ps(e, *xi, weighted);
+        }
+        Some((hsum(weighted) / hsum(sum), h - l, h.abs().max(l.abs())))
+    }
+
+    #[target_feature(enable = "avx2,fma")]
+    unsafe fn hsum(v: __m256) -> f32 {
+        let q = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+        let q = _mm_add_ps(q, _mm_movehl_ps(q, q));
+        _mm_cvtss_f32(_mm_add_ss(q, _mm_shuffle_ps(q, q, 1)))
+    }
+
+    #[target_feature(enable = "avx2,fma")]
+    unsafe fn hmax(v: __m256) -> f32 {
+        let q = _mm_max_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+        let q = _mm_max_ps(q, _mm_movehl_ps(q, q));
+        _mm_cvtss_f32(_mm_max_ss(q, _mm_shuffle_ps(q, q, 1)))
+    }
+
+    /// `super::fast_exp` on 8 lanes (z ≤ 0).
+    #[target_feature(enable = "avx2,fma")]
+    unsafe fn exp(z: __m256) -> __m256 {
+        const MAGIC: f32 = 12_582_912.0;
+        let z = _mm256_max_ps(z, _mm256_set1_ps(-87.0));
+        let k = _mm256_fmadd_ps(z, _mm256_set1_ps(std::f32::consts::LOG2_E), _mm256_set1_ps(MAGIC));
+        let n = _mm256_sub_ps(k, _mm256_set1_ps(MAGIC));
+        let r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693_145_75), z);
+        let r = _mm256_fnmadd_ps(n, _mm256_set1_ps(1.428_606_8e-6), r);
+        let mut p = _mm256_set1_ps(1.0 / 720.0);
+        for c in [1.0 / 120.0, 1.0 / 24.0, 1.0 / 6.0, 0.5, 1.0, 1.0] {
+            p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(c));
+        }
+        let bits = _mm256_sub_epi32(_mm256_castps_si256(k), _mm256_set1_epi32(MAGIC.to_bits() as i32));
+        let two_n = _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_add_epi32(bits, _mm256_set1_epi32(127)), 23));
+        _mm256_mul_ps(p, two_n)
+    }
+
+    #[cfg(test)]
+    mod tests {
+        #[test]
+        fn the_avx2_pass_matches_the_portable_one() {
+            if !(std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma")) {
+                return; // nothing to compare on this CPU: the portable pass runs
+            }
+            for (m, spread) in [(8usize, 0.5f32), (64, 3.0), (64, 40.0), (128, 0.01)] {
+                let row: Vec<f32> = (0..m).map(|i| (((i * 7919) % 101) as f32 / 50.0 - 1.0) * spread).collect();
+                for inv_t in [1.0f32, 0.05] {
+                    let (a, ra, ta) = unsafe { super::softmax_mean(&row, 0.7, inv_t, f32::NEG_INFINITY) }.unwrap();
+                    assert!(unsafe { super::softmax_mean(&row, 0.7, inv_t, f32::INFINITY) }.is_none());
+                    let scaled: Vec<f32> = row.iter().map(|v| v * 0.7).collect();
+                    let (b, rb, tb) = super::super::softmax_mean(&scaled, inv_t);
+                    assert!((a - b).abs() <= 1e-5 * (1.0 + b.abs()), "m {m}: {a} vs {b}");
+                    assert!((ra - rb).abs() <= 1e-6 * (1.0 + rb) && (ta - tb).abs() <= 1e-6 * (1.0 + tb));
+                }
+            }
         }
     }
 }
@@ -319,12 +472,16 @@ fn fast_exp(z: f32) -> f32 {
     const LOG2E: f32 = std::f32::consts::LOG2_E;
     const LN2_HI: f32 = 0.693_145_75;
     const LN2_LO: f32 = 1.428_606_8e-6;
-    let z = z.max(-87.0);
-    // round(z·log2e) by the 1.5·2²³ trick (round to nearest even, no branch)
-    let n = (z * LOG2E + 12_582_912.0) - 12_582_912.0;
+    const MAGIC: f32 = 12_582_912.0; // 1.5·2²³: adding it rounds to an integer in the low bits
+    let z = if z > -87.0 { z } else { -87.0 };
+    let k = z * LOG2E + MAGIC;
+    let n = k - MAGIC; // round(z·log2e), as a float
     let r = (z - n * LN2_HI) - n * LN2_LO;
     let p = 1.0 + r * (1.0 + r * (0.5 + r * (1.0 / 6.0 + r * (1.0 / 24.0 + r * (1.0 / 120.0 + r * (1.0 / 720.0))))));
-    p * f32::from_bits(((n as i32 + 127) as u32) << 23)
+    // 2ⁿ from k's bits (n sits in its low mantissa bits): integer adds and a shift, no
+    // float-to-int conversion (Rust's saturating `as` kept the loop from vectorizing well).
+    let two_n = f32::from_bits(k.to_bits().wrapping_sub(MAGIC.to_bits()).wrapping_add(127) << 23);
+    p * two_n
 }
 
 /// The fp32 top-k of one context from its approximate scores: the first shortlist, then the

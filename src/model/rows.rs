@@ -174,12 +174,12 @@ impl CandidateRows {
     }
 
     /// The matrix scored in fp32 (Float32 layout only; fp16 storage is converted per slice).
-    pub(crate) fn matrix(&self) -> Option<&Tensor> {
+    pub fn matrix(&self) -> Option<&Tensor> {
         (self.precision == Precision::Float32).then(|| &self.parts[0])
     }
 
     /// `(low, scale, bound)` of a low-precision layout.
-    pub(crate) fn low(&self) -> Option<(&Tensor, &Tensor, &Tensor)> {
+    pub fn low(&self) -> Option<(&Tensor, &Tensor, &Tensor)> {
         (self.precision != Precision::Float32).then(|| (&self.parts[LOW], &self.parts[SCALE], &self.parts[BOUND]))
     }
 }
