@@ -8,6 +8,7 @@
 //! times (default 3) with the baseline binary and this build, alternately, and the table
 //! gives the median of the rounds' p50 for each and their ratio. `--baseline-config FILE`
 //! gives the baseline its own settings file (one from its commit: `git show REV:config/default.toml`).
+//! Each round also measures throughput at `--clients` (default 32) back-to-back clients.
 
 #[path = "../tests/common/server.rs"]
 #[allow(dead_code)]
@@ -35,7 +36,8 @@ fn main() {
     if let Some(base) = baseline {
         // An older binary may not know today's settings file: give it its own.
         let base_config = get("--baseline-config").map(PathBuf::from);
-        return compare(&models, &sizes, seconds, &base, base_config.as_deref(), rounds);
+        let clients: usize = get("--clients").map(|s| s.parse().expect("--clients")).unwrap_or(32);
+        return compare(&models, &sizes, seconds, &base, base_config.as_deref(), rounds, clients);
     }
     let mut md = String::from("| model | m | N | /rank p50 ms | p95 ms | requests |\n|---|---|---|---|---|---|\n");
     for model in &models {
@@ -62,14 +64,15 @@ fn main() {
 }
 
 /// This build against `base`, alternately, `rounds` times per (model, N).
-fn compare(models: &[PathBuf], sizes: &[usize], seconds: f64, base: &std::path::Path, base_config: Option<&std::path::Path>, rounds: usize) {
-    let mut md = String::from("| model | N | baseline p50 ms | this build p50 ms | ratio (this / baseline) | rounds |\n|---|---|---|---|---|---|\n");
+fn compare(models: &[PathBuf], sizes: &[usize], seconds: f64, base: &std::path::Path, base_config: Option<&std::path::Path>, rounds: usize, clients: usize) {
+    let mut md = format!("| model | N | baseline p50 ms | this build p50 ms | p50 ratio (this / baseline) | baseline req/s at {clients} clients | this build req/s | throughput ratio | rounds |\n|---|---|---|---|---|---|---|---|---|\n");
     for model in models {
         let d = BertConfig::load(model).unwrap().hidden_size;
         for &n in sizes {
             let dir = tempfile::tempdir().unwrap();
             let (pool, _, _) = synthetic_pool(dir.path(), model, n, d);
             let mut p50 = [Vec::new(), Vec::new()];
+            let mut rps = [Vec::new(), Vec::new()];
             for _ in 0..rounds {
                 for (which, bin) in [Some(base), None].into_iter().enumerate() {
                     let mut setup = Setup::new(model, &pool, &dir.path().join("cache"));
@@ -87,11 +90,15 @@ fn compare(models: &[PathBuf], sizes: &[usize], seconds: f64, base: &std::path::
                     let r = load(&url, 1, seconds, body);
                     assert_eq!(r.errors, 0, "{} failed requests", r.errors);
                     p50[which].push(r.p50_ms);
+                    let many = load(&url, clients, seconds, body);
+                    assert_eq!(many.errors, 0, "{} failed requests at {clients} clients", many.errors);
+                    rps[which].push(many.rps);
                 }
             }
             let (b, t) = (median(&mut p50[0]), median(&mut p50[1]));
             let name = model.strip_prefix(root()).unwrap_or(model).display();
-            let line = format!("| {name} | {n} | {b:.1} | {t:.1} | {:.3} | {rounds} |\n", t / b);
+            let (rb, rt) = (median(&mut rps[0]), median(&mut rps[1]));
+            let line = format!("| {name} | {n} | {b:.1} | {t:.1} | {:.3} | {rb:.1} | {rt:.1} | {:.2} | {rounds} |\n", t / b, rt / rb);
             eprint!("{line}");
             md += &line;
         }

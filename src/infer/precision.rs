@@ -15,11 +15,11 @@ use tch::{Kind, Tensor};
 /// Most rows the measurement ranks: the pool's own size up to this (which precision wins
 /// depends on it: int8 lost to float32 at 4k rows and won at 100k on the AVX2 machine, see
 /// bench/precision.md), few enough that it takes well under a second.
-const SAMPLE_ROWS: i64 = 32_768;
+const SAMPLE_ROWS: i64 = 16_384;
 /// Fewest rows measured: a pool that starts small is measured at a size it may grow to.
 const MIN_SAMPLE_ROWS: i64 = 4_096;
 /// Rankings timed per precision (after one warm-up); the median counts.
-const ROUNDS: usize = 5;
+const ROUNDS: usize = 3;
 /// A low precision must beat float32 by this factor to be picked: a tie keeps the plain path.
 const MARGIN: f64 = 0.9;
 
@@ -43,7 +43,11 @@ pub fn choose(ranker: &Ranker, pool: &LivePool, requested: ScoringPrecision) -> 
     if matches!(model.head.candidate_attention, Attention::Multihead(_)) {
         return choice(Precision::Float32, "multihead candidate attention has no low-precision bound; it scores in float32".into());
     }
-    let int8 = crate::model::int8::available();
+    // Loading the int8 module costs ~0.1 s: only when int8 may run.
+    let int8 = match requested.fixed() {
+        None | Some(Precision::Int8) => crate::model::int8::available(),
+        Some(_) => Err("not asked for".into()),
+    };
     match (requested.fixed(), &int8) {
         (Some(Precision::Int8), Err(e)) => choice(Precision::Float32, format!("int8 was asked for but cannot run here ({e}); scoring in float32")),
         (Some(p), _) => choice(p, "set by scoring_precision".into()),
@@ -60,41 +64,71 @@ pub fn choose(ranker: &Ranker, pool: &LivePool, requested: ScoringPrecision) -> 
 fn measure(ranker: &Ranker, pool: &LivePool, requested: ScoringPrecision, int8: bool) -> Choice {
     let sample = sample_rows(pool, ranker.model.dim());
     let contexts = contexts(ranker, pool);
+    let time = |rows: &CandidateRows, runs: usize| {
+        // `runs` timed after one warm-up; 0: the first ranking, warm-up included, is the time.
+        let mut times: Vec<f64> = (0..=runs)
+            .map(|i| {
+                let t = Instant::now();
+                let ctx = contexts.select((i % contexts.y.size()[0] as usize) as i64);
+                drop(ranker.model.rank_pool(&ctx, rows, &[10]));
+                t.elapsed().as_secs_f64() * 1e3
+            })
+            .skip(runs.min(1))
+            .collect();
+        times.sort_by(f64::total_cmp);
+        times[times.len() / 2]
+    };
+    // A precision this CPU only emulates (bf16 without AVX512-BF16 or AMX: 23–33× float32
+    // here) is dropped after one ranking of the first rows: timing it on the whole sample
+    // took 1.6 s of a 100k store's start.
+    let head = sample.narrow(0, 0, MIN_SAMPLE_ROWS.min(sample.size()[0]));
+    let fp32_head = time(&CandidateRows::encode(&head, Precision::Float32, Kind::Float), 1);
+    let mut dropped = Vec::new();
     let mut measured = Vec::new();
-    let mut fp32_ms = f64::INFINITY;
     for p in [Precision::Float32, Precision::Int8, Precision::Bfloat16] {
         if p == Precision::Int8 && !int8 {
             continue;
         }
-        let rows = CandidateRows::encode(&sample, p, Kind::Float);
-        let once = |i: usize| {
-            let t = Instant::now();
-            let ctx = contexts.select((i % contexts.y.size()[0] as usize) as i64);
-            drop(ranker.model.rank_pool(&ctx, &rows, &[10]));
-            t.elapsed().as_secs_f64() * 1e3
-        };
-        let first = once(0);
-        let mut times = vec![once(1)];
-        // A precision this CPU only emulates (bf16 without AVX512-BF16 or AMX) is many times
-        // slower: two runs say so, more would only slow the start.
-        if first.min(times[0]) < 3.0 * fp32_ms {
-            times.extend((2..=ROUNDS).map(once));
+        if p == Precision::Bfloat16 && !native_bf16() {
+            dropped.push("bfloat16 (this CPU has no native bf16: AVX512-BF16 or AMX)".to_string());
+            continue;
         }
-        times.sort_by(f64::total_cmp);
-        let ms = times[times.len() / 2];
-        if p == Precision::Float32 {
-            fp32_ms = ms;
+        if p != Precision::Float32 {
+            let quick = time(&CandidateRows::encode(&head, p, Kind::Float), 0);
+            if quick > 2.0 * fp32_head {
+                dropped.push(format!("{} {:.0}× float32 on {} rows", p.name(), quick / fp32_head, head.size()[0]));
+                continue;
+            }
         }
-        measured.push((p, ms));
+        measured.push((p, time(&CandidateRows::encode(&sample, p, Kind::Float), ROUNDS)));
     }
-    let (best, best_ms) = measured.iter().copied().min_by(|a, b| a.1.total_cmp(&b.1)).expect("three precisions");
-    let table = measured.iter().map(|(p, ms)| format!("{} {ms:.2} ms", p.name())).collect::<Vec<_>>().join(", ");
+    let fp32_ms = measured[0].1;
+    let (best, best_ms) = measured.iter().copied().min_by(|a, b| a.1.total_cmp(&b.1)).expect("float32 is measured");
+    let mut table = measured.iter().map(|(p, ms)| format!("{} {ms:.2} ms", p.name())).collect::<Vec<_>>().join(", ");
+    table += &format!(" per ranking of {} rows", sample.size()[0]);
+    if !dropped.is_empty() {
+        table += &format!(" (not measured further: {})", dropped.join(", "));
+    }
     let (precision, reason) = if best != Precision::Float32 && best_ms <= MARGIN * fp32_ms {
-        (best, format!("fastest on this CPU: {table} per ranking of {} rows", sample.size()[0]))
+        (best, format!("fastest on this CPU: {table}"))
     } else {
-        (Precision::Float32, format!("no low precision was 10% faster than float32 on this CPU: {table} per ranking of {} rows", sample.size()[0]))
+        (Precision::Float32, format!("no low precision was 10% faster than float32 on this CPU: {table}"))
     };
     Choice { precision, requested, reason, measured_ms: measured, sample_rows: sample.size()[0] }
+}
+
+/// Whether the CPU multiplies bf16 natively; elsewhere bf16 was 23–33× slower than fp32, and
+/// even one probe of it cost 0.25 s of the start. Other architectures are measured.
+fn native_bf16() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        std::arch::is_x86_feature_detected!("avx512bf16")
+            || std::fs::read_to_string("/proc/cpuinfo").is_ok_and(|c| c.split_whitespace().any(|f| f == "amx_bf16"))
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        true
+    }
 }
 
 /// Up to `SAMPLE_ROWS` of the pool's rows, spread over it; a pool under `MIN_SAMPLE_ROWS` is

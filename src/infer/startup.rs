@@ -22,12 +22,16 @@ impl Worker {
         let (pool, seq) = store.open(&files, &key, &mut opening)?;
         let cache = opening.cache;
         warn_over_limits(&pool, &self.config.meta_limits());
+        let t0 = Instant::now();
         let choice = super::precision::choose(&self.ranker, &pool, self.config.scoring_precision);
+        let chosen_ms = t0.elapsed().as_millis() as u64;
         let kind = if self.config.fp16_candidates { Kind::Half } else { Kind::Float };
         let pool = pool.to(self.ranker.model.device, choice.precision, kind);
         tracing::info!(
             precision = choice.precision.name(),
             bytes_per_candidate = pool.bytes_per_candidate(),
+            measure_ms = chosen_ms,
+            convert_ms = t0.elapsed().as_millis() as u64 - chosen_ms,
             "scoring precision: {}",
             choice.reason
         );

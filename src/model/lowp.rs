@@ -148,8 +148,8 @@ pub fn approximate(codes: &ContextVectors, rows: &CandidateRows, t: f32, ks: &[i
     let n = rows.len();
     let mut out: Vec<Approx> = (0..b).map(|_| Approx { score: vec![0.0; n as usize], bound: vec![0.0; n as usize] }).collect();
     let slice = (SLICE_LOGITS / (b * m)).max(256);
-    let row_scale: Vec<f32> = Vec::try_from(row_scale).unwrap_or_default();
-    let row_bound: Vec<f32> = Vec::try_from(row_bound).unwrap_or_default();
+    let (row_scale, row_bound) = (row_scale.contiguous(), row_bound.contiguous());
+    let (row_scale, row_bound) = (host_f32(&row_scale), host_f32(&row_bound));
     let mut floors: Vec<Floor> = ks.iter().map(|&k| Floor::new(k.max(0) as usize)).collect();
     for start in (0..n).step_by(slice as usize) {
         let len = slice.min(n - start);
@@ -492,8 +492,12 @@ fn exact_top_k(codes: &ContextVectors, rows: &CandidateRows, attn: &Attention, a
     if k <= 0 {
         return (Vec::new(), 0);
     }
-    let first = (k * SHORTLIST).max(MIN_SHORTLIST).min(n) as usize;
-    let mut order: Vec<u32> = (0..n as u32).collect();
+    // Rows the pass skipped (score −∞) are proven out of the top k: only the others compete.
+    let mut order: Vec<u32> = (0..n as u32).filter(|&r| approx.score[r as usize] > f32::NEG_INFINITY).collect();
+    if (order.len() as i64) < k {
+        order = (0..n as u32).collect();
+    }
+    let first = ((k * SHORTLIST).max(MIN_SHORTLIST) as usize).min(order.len());
     let by_score = |a: &u32, b: &u32| approx.score[*b as usize].total_cmp(&approx.score[*a as usize]);
     if first < order.len() {
         order.select_nth_unstable_by(first - 1, by_score);
