@@ -19,6 +19,19 @@ use tch::{Device, Kind, Tensor};
 const POOL: usize = 3_000;
 const CONTEXTS: usize = 500;
 
+/// /info once the precision is settled (it is, right after ready, before the first batch).
+fn settled_info(s: &Server) -> (u16, serde_json::Value) {
+    let t0 = std::time::Instant::now();
+    loop {
+        let (code, info) = s.get("/info");
+        let info: serde_json::Value = serde_json::from_str(&info).unwrap();
+        if info.get("scoring").is_some() || t0.elapsed().as_secs() > 20 {
+            return (code, info);
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+}
+
 fn chitchat_lines(n: usize) -> Vec<String> {
     std::fs::read_to_string(common::root().join("data/chitchat-pool.jsonl"))
         .expect("data/chitchat-pool.jsonl (make model)")
@@ -119,15 +132,24 @@ fn filters_ids_approximate_mode_and_writes_keep_the_brute_force_answer() {
 
 #[test]
 fn auto_picks_what_its_own_measurement_says_is_fastest_and_info_says_so() {
+    // 6,000 candidates (auto measures pools of 4,096 and more), their vectors written into the
+    // pool cache (random unit vectors, as the benchmarks do): nothing to encode at start.
     let dir = tempfile::tempdir().unwrap();
+    let model = common::default_model();
     let pool = dir.path().join("pool.txt");
-    std::fs::write(&pool, chitchat_lines(300).join("\n")).unwrap();
-    let setup = |p: &str, cache: &str| Setup::new(&common::default_model(), &pool, &dir.path().join(cache)).arg("--scoring-precision", p);
+    std::fs::write(&pool, (0..6_000).map(|i| format!("candidate {i}\n")).collect::<String>()).unwrap();
+    let settings = polyrank::model::format::PolySettings::load(&model).unwrap();
+    for cache in ["a", "b"] {
+        let c = polyrank::pool::cache::PoolCache::new(&dir.path().join(cache), &model, &settings, std::slice::from_ref(&pool), polyrank::config::Dtype::Float32).unwrap();
+        tch::manual_seed(3);
+        let v = Tensor::randn([6_000, 384], (Kind::Float, Device::Cpu));
+        c.store(&(&v / v.norm_scalaropt_dim(2.0, [-1], true))).unwrap();
+    }
+    let setup = |p: &str, cache: &str| Setup::new(&model, &pool, &dir.path().join(cache)).arg("--scoring-precision", p);
     let s = Server::start(&setup("auto", "a"));
     s.wait_ready();
-    let (code, info) = s.get("/info");
+    let (code, info) = settled_info(&s);
     assert_eq!(code, 200);
-    let info: serde_json::Value = serde_json::from_str(&info).unwrap();
     common::contract::Contract::load().check("/info", "get", code, "application/json", &info);
     let sc = &info["scoring"];
     let measured = sc["measured_ms"].as_object().expect("auto reports its measurement");
@@ -139,13 +161,22 @@ fn auto_picks_what_its_own_measurement_says_is_fastest_and_info_says_so() {
     let best = measured.values().filter_map(|v| v.as_f64()).fold(f64::INFINITY, f64::min);
     assert!(chosen == "float32" || ms(chosen).unwrap() == best, "{sc}");
     assert!(sc["bytes_per_candidate"].as_u64().unwrap() <= 1536, "{sc}");
+    assert!(s.logs().contains("pool cache reused"), "{}", s.logs());
     // A fixed setting is reported as such, and answers as auto does.
     let f = Server::start(&setup("int8", "b"));
     f.wait_ready();
-    let finfo: serde_json::Value = serde_json::from_str(&f.get("/info").1).unwrap();
+    let finfo = settled_info(&f).1;
     assert_eq!(finfo["scoring"]["precision"], "int8", "{}", finfo["scoring"]);
     assert_eq!(finfo["scoring"]["bytes_per_candidate"], 384 + 768 + 8);
     let body = json!({"context": ["hi! how are you?", "good. what do you do for fun?"], "top_k": 10});
+    // And a small pool is not measured: float32, the same digits at every start.
+    let small = dir.path().join("small.txt");
+    std::fs::write(&small, chitchat_lines(50).join("\n")).unwrap();
+    let t = Server::start(&Setup::new(&model, &small, &dir.path().join("c")));
+    t.wait_ready();
+    let tinfo = settled_info(&t).1;
+    assert_eq!(tinfo["scoring"]["precision"], "float32", "{}", tinfo["scoring"]);
+    assert!(tinfo["scoring"].get("measured_ms").is_none());
     let (a, b) = (s.post("/rank", &body).1, f.post("/rank", &body).1);
     let hits = |v: &serde_json::Value| v["results"].as_array().unwrap().iter().map(|r| (r["id"].clone(), r["score"].as_f64().unwrap())).collect::<Vec<_>>();
     let (a, b) = (hits(&a), hits(&b));

@@ -51,6 +51,13 @@ pub fn choose(ranker: &Ranker, pool: &LivePool, requested: ScoringPrecision) -> 
     match (requested.fixed(), &int8) {
         (Some(Precision::Int8), Err(e)) => choice(Precision::Float32, format!("int8 was asked for but cannot run here ({e}); scoring in float32")),
         (Some(p), _) => choice(p, "set by scoring_precision".into()),
+        // A small pool scores in a few ms whatever runs; measuring it would let timing noise
+        // pick, and scores differ in the 7th digit between the two paths (the rebuilt
+        // vectors): the same pool would rank with other last digits after a restart.
+        (None, _) if (pool.len() as i64) < MIN_SAMPLE_ROWS => choice(
+            Precision::Float32,
+            format!("the pool has under {MIN_SAMPLE_ROWS} candidates at start: float32 (measured again at the next start)"),
+        ),
         (None, _) => {
             let mut c = measure(ranker, pool, requested, int8.is_ok());
             if let Err(e) = int8 {

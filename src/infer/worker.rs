@@ -150,6 +150,7 @@ impl Worker {
                 }
                 self.status.set_ready();
                 tracing::info!(candidates = self.pool.len(), "ready");
+                self.settle_precision();
                 if let Some(cache) = cache {
                     cache.clean(self.config.cache_keep);
                 }
