@@ -43,10 +43,12 @@ pub fn choose(ranker: &Ranker, pool: &LivePool, requested: ScoringPrecision) -> 
     if matches!(model.head.candidate_attention, Attention::Multihead(_)) {
         return choice(Precision::Float32, "multihead candidate attention has no low-precision bound; it scores in float32".into());
     }
+    let small = (pool.len() as i64) < MIN_SAMPLE_ROWS;
     // Loading the int8 module costs ~0.1 s: only when int8 may run.
     let int8 = match requested.fixed() {
-        None | Some(Precision::Int8) => crate::model::int8::available(),
-        Some(_) => Err("not asked for".into()),
+        Some(Precision::Int8) => crate::model::int8::available(),
+        None if !small => crate::model::int8::available(),
+        _ => Err("not asked for".into()),
     };
     match (requested.fixed(), &int8) {
         (Some(Precision::Int8), Err(e)) => choice(Precision::Float32, format!("int8 was asked for but cannot run here ({e}); scoring in float32")),
@@ -54,7 +56,7 @@ pub fn choose(ranker: &Ranker, pool: &LivePool, requested: ScoringPrecision) -> 
         // A small pool scores in a few ms whatever runs; measuring it would let timing noise
         // pick, and scores differ in the 7th digit between the two paths (the rebuilt
         // vectors): the same pool would rank with other last digits after a restart.
-        (None, _) if (pool.len() as i64) < MIN_SAMPLE_ROWS => choice(
+        (None, _) if small => choice(
             Precision::Float32,
             format!("the pool has under {MIN_SAMPLE_ROWS} candidates at start: float32 (measured again at the next start)"),
         ),

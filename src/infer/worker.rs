@@ -150,10 +150,10 @@ impl Worker {
                 }
                 self.status.set_ready();
                 tracing::info!(candidates = self.pool.len(), "ready");
-                self.settle_precision();
                 if let Some(cache) = cache {
                     cache.clean(self.config.cache_keep);
                 }
+                self.settle_precision();
             }
             Err(_) if self.status.stopping() => return,
             Err(e) => {
