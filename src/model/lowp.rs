@@ -219,62 +219,59 @@ struct Block<'a> {
 
 impl Block<'_> {
     /// One pass over the slice's rows (one thread: splitting the rows over a second one made
-    /// it slower here, libtorch's OpenMP workers spin for a while after the GEMM).
+    /// it slower here, libtorch's OpenMP workers spin for a while after the GEMM). For each
+    /// row: x = logit · scale(j); ŝ = Σ softmax(x/t) x; ε = δ(j)·(1 + (range + 2δ)/t) plus the
+    /// slack of the fast exp (relative 2e-7 → weights off by 1e-6) and the fp32 sums.
+    /// s ≤ max x (a softmax-weighted mean) ≤ max x̂ + δ: a row whose max logit is under the
+    /// floor minus δ cannot reach the top k, and skips its softmax (ŝ = −∞).
     fn fold(&self, scale: impl Fn(usize) -> f32, delta: impl Fn(usize) -> f32, t: f32, floor: &mut Floor, score: &mut [f32], bound: &mut [f32]) {
         let m = self.active.len();
         let contiguous = self.active.iter().enumerate().all(|(i, &a)| a == i);
         #[cfg(target_arch = "x86_64")]
-        if contiguous && m % 8 == 0 && m > 0 && std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma") {
-            let inv_t = 1.0 / t;
-            for j in 0..score.len() {
-                let row = &self.logits[j * self.stride + self.first..][..m];
-                let dl = delta(j);
-                // s ≤ max x (a softmax-weighted mean) ≤ max x̂ + δ: a row whose max logit is
-                // under the floor minus δ cannot reach the top k, and skips its softmax.
-                // SAFETY: the CPU has AVX2 and FMA (checked above); `row` holds m = 8·k floats.
-                match unsafe { avx2::softmax_mean(row, scale(j), inv_t, floor.value() - dl) } {
-                    Some((sh, range, top)) => {
-                        score[j] = sh;
-                        bound[j] = bound_of(dl, range, top, inv_t);
-                        floor.offer(sh - bound[j]);
-                    }
-                    None => {
-                        score[j] = f32::NEG_INFINITY;
-                        bound[j] = 0.0;
-                    }
-                }
-            }
-            return;
-        }
-        self.fold_rows(scale, delta, t, score, bound)
-    }
-
-    /// For each row: x = logit · scale(j); ŝ = Σ softmax(x/t) x; ε = δ(j)·(1 + (range + 2δ)/t)
-    /// plus the slack of the fast exp (relative 2e-7 → weights off by 1e-6) and the fp32 sums.
-    #[inline(always)]
-    fn fold_rows(&self, scale: impl Fn(usize) -> f32, delta: impl Fn(usize) -> f32, t: f32, score: &mut [f32], bound: &mut [f32]) {
-        let m = self.active.len();
-        let contiguous = self.active.iter().enumerate().all(|(i, &a)| a == i);
+        let avx2 = contiguous && m % 8 == 0 && m > 0 && std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma");
         let mut x = vec![0f32; m];
         let inv_t = 1.0 / t;
         for j in 0..score.len() {
             let row = &self.logits[j * self.stride + self.first..];
-            let s = scale(j);
-            if contiguous {
-                for (xi, &l) in x.iter_mut().zip(&row[..m]) {
-                    *xi = l * s;
+            let (s, dl) = (scale(j), delta(j));
+            let cutoff = floor.value() - dl;
+            #[cfg(target_arch = "x86_64")]
+            // SAFETY: the CPU has AVX2 and FMA (checked above); `row` holds at least m = 8·k floats.
+            let found = if avx2 { unsafe { avx2::softmax_mean(&row[..m], s, inv_t, cutoff) } } else { portable(&mut x, row, self.active, contiguous, s, inv_t, cutoff) };
+            #[cfg(not(target_arch = "x86_64"))]
+            let found = portable(&mut x, row, self.active, contiguous, s, inv_t, cutoff);
+            match found {
+                Some((sh, range, top)) => {
+                    score[j] = sh;
+                    bound[j] = bound_of(dl, range, top, inv_t);
+                    floor.offer(sh - bound[j]);
                 }
-            } else {
-                for (xi, &a) in x.iter_mut().zip(self.active) {
-                    *xi = row[a] * s;
+                None => {
+                    score[j] = f32::NEG_INFINITY;
+                    bound[j] = 0.0;
                 }
             }
-            let (sh, range, top) = softmax_mean(&x, inv_t);
-            let dl = delta(j);
-            score[j] = sh;
-            bound[j] = bound_of(dl, range, top, inv_t);
         }
     }
+}
+
+/// The row pass without SIMD intrinsics: x = the active logits · scale, then `softmax_mean`;
+/// None when max x < `cutoff`.
+fn portable(x: &mut [f32], row: &[f32], active: &[usize], contiguous: bool, scale: f32, inv_t: f32, cutoff: f32) -> Option<(f32, f32, f32)> {
+    let m = x.len();
+    if contiguous {
+        for (xi, &l) in x.iter_mut().zip(&row[..m]) {
+            *xi = l * scale;
+        }
+    } else {
+        for (xi, &a) in x.iter_mut().zip(active) {
+            *xi = row[a] * scale;
+        }
+    }
+    if x.iter().all(|&v| v < cutoff) {
+        return None;
+    }
+    Some(softmax_mean(x, inv_t))
 }
 
 /// The k-th best lower bound (ŝ − ε) seen so far: no row's true score under it can be in
@@ -384,12 +381,12 @@ mod avx2 {
     /// `super::fast_exp` on 8 lanes (z ≤ 0).
     #[target_feature(enable = "avx2,fma")]
     unsafe fn exp(z: __m256) -> __m256 {
-        const MAGIC: f32 = 12_582_912.0;
+        use super::{LN2_HI, LN2_LO, LOG2E, MAGIC};
         let z = _mm256_max_ps(z, _mm256_set1_ps(-87.0));
-        let k = _mm256_fmadd_ps(z, _mm256_set1_ps(std::f32::consts::LOG2_E), _mm256_set1_ps(MAGIC));
+        let k = _mm256_fmadd_ps(z, _mm256_set1_ps(LOG2E), _mm256_set1_ps(MAGIC));
         let n = _mm256_sub_ps(k, _mm256_set1_ps(MAGIC));
-        let r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693_145_75), z);
-        let r = _mm256_fnmadd_ps(n, _mm256_set1_ps(1.428_606_8e-6), r);
+        let r = _mm256_fnmadd_ps(n, _mm256_set1_ps(LN2_HI), z);
+        let r = _mm256_fnmadd_ps(n, _mm256_set1_ps(LN2_LO), r);
         let mut p = _mm256_set1_ps(1.0 / 720.0);
         for c in [1.0 / 120.0, 1.0 / 24.0, 1.0 / 6.0, 0.5, 1.0, 1.0] {
             p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(c));
@@ -465,14 +462,17 @@ fn softmax_mean(x: &[f32], inv_t: f32) -> (f32, f32, f32) {
     (w / s, h - l, h.abs().max(l.abs()))
 }
 
+// The constants of `fast_exp` and `avx2::exp`.
+const LOG2E: f32 = std::f32::consts::LOG2_E;
+const LN2_HI: f32 = 0.693_145_75;
+const LN2_LO: f32 = 1.428_606_8e-6;
+/// 1.5·2²³: adding it rounds to an integer in the low mantissa bits.
+const MAGIC: f32 = 12_582_912.0;
+
 /// e^z for z ≤ 0, relative error below 2e-7 (Cody–Waite reduction to [−ln2/2, ln2/2], a
 /// degree-6 Taylor polynomial); plain arithmetic, so the loop around it vectorizes.
 #[inline(always)]
 fn fast_exp(z: f32) -> f32 {
-    const LOG2E: f32 = std::f32::consts::LOG2_E;
-    const LN2_HI: f32 = 0.693_145_75;
-    const LN2_LO: f32 = 1.428_606_8e-6;
-    const MAGIC: f32 = 12_582_912.0; // 1.5·2²³: adding it rounds to an integer in the low bits
     let z = if z > -87.0 { z } else { -87.0 };
     let k = z * LOG2E + MAGIC;
     let n = k - MAGIC; // round(z·log2e), as a float

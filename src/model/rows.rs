@@ -110,17 +110,8 @@ impl CandidateRows {
         let v = vectors.to_kind(Kind::Float);
         let parts = match precision {
             Precision::Float32 => vec![v.to_kind(dense_kind)],
-            Precision::Int8 if v.device() == Device::Cpu => int8_rows(&v),
-            Precision::Int8 => {
-                let amax = v.abs().amax([1], false);
-                // An all-zero row keeps scale 1: its codes and residual are zero.
-                let scale = (amax.where_scalarother(&amax.gt(0.0), 127.0)) / 127.0;
-                let t = &v / scale.unsqueeze(1);
-                let q = t.round().clamp(-127.0, 127.0);
-                let residual = (&t - &q).to_kind(Kind::Half);
-                let bound = q.abs().sum_dim_intlist(1, false, Kind::Float);
-                vec![(q + 128.0).to_kind(Kind::Uint8), residual, scale, bound]
-            }
+            // Quantized on the CPU (scoring in int8 runs only there; `precision::choose`).
+            Precision::Int8 => int8_rows(&v.to_device(Device::Cpu)).into_iter().map(|p| p.to_device(v.device())).collect(),
             Precision::Bfloat16 => {
                 let low = v.to_kind(Kind::BFloat16);
                 let residual = (&v - low.to_kind(Kind::Float)).to_kind(Kind::Half);
