@@ -139,11 +139,13 @@ fn auto_picks_what_its_own_measurement_says_is_fastest_and_info_says_so() {
     let pool = dir.path().join("pool.txt");
     std::fs::write(&pool, (0..6_000).map(|i| format!("candidate {i}\n")).collect::<String>()).unwrap();
     let settings = polyrank::model::format::PolySettings::load(&model).unwrap();
+    // One draw for both caches: libtorch's generator is shared with the other tests' threads
+    // (a model load draws its init), so seeding twice did not give the same vectors twice.
+    let v = Tensor::randn([6_000, 384], (Kind::Float, Device::Cpu));
+    let v = &v / v.norm_scalaropt_dim(2.0, [-1], true);
     for cache in ["a", "b"] {
         let c = polyrank::pool::cache::PoolCache::new(&dir.path().join(cache), &model, &settings, std::slice::from_ref(&pool), polyrank::config::Dtype::Float32).unwrap();
-        tch::manual_seed(3);
-        let v = Tensor::randn([6_000, 384], (Kind::Float, Device::Cpu));
-        c.store(&(&v / v.norm_scalaropt_dim(2.0, [-1], true))).unwrap();
+        c.store(&v).unwrap();
     }
     let setup = |p: &str, cache: &str| Setup::new(&model, &pool, &dir.path().join(cache)).arg("--scoring-precision", p);
     let s = Server::start(&setup("auto", "a"));
