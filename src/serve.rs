@@ -14,9 +14,6 @@ use std::time::Duration;
 pub fn serve(args: ServeArgs) -> Result<()> {
     let config = Config::resolve(&args)?;
     tracing::info!(config = %serde_json::to_string(&config).unwrap_or_default(), "settings");
-    if let Err(e) = seed_cache(&config) {
-        tracing::warn!("pool cache not seeded from the install: {e:#}");
-    }
     let metrics = crate::metrics::install()?;
     let (infer, inference) = crate::infer::start(&config, open_store(&config)?)?;
     let state = Arc::new(AppState { infer, config: config.clone(), metrics });
@@ -96,37 +93,4 @@ fn open_store(config: &Config) -> Result<Box<dyn Durable>> {
 fn cache_file(config: &Config) -> Result<PathBuf> {
     let settings = crate::model::format::PolySettings::load(config.model_dir())?;
     Ok(PoolCache::new(&config.cache_dir, config.model_dir(), &settings, &config.candidates, config.dtype)?.path)
-}
-
-/// Pool caches made when the install was built, read-only: `<prefix>/share/polyrank/pool-cache`
-/// for a binary in `<prefix>/bin` (the image: `/usr/local/share/polyrank/pool-cache`).
-fn baked_cache_dir() -> Option<PathBuf> {
-    let exe = std::env::current_exe().ok()?;
-    let dir = exe.parent()?.parent()?.join("share/polyrank/pool-cache");
-    dir.is_dir().then_some(dir)
-}
-
-/// A volume mounted over `cache_dir` hides whatever the image put there. When the install has a
-/// baked cache file that `cache_dir` lacks and it is this model's and pool's (same content key,
-/// so the same name), it is copied in (temp file + rename) before the start: a fresh volume
-/// starts ready, and later starts find it where they always did.
-fn seed_cache(config: &Config) -> Result<()> {
-    let Some(baked) = baked_cache_dir() else { return Ok(()) };
-    let missing = std::fs::read_dir(&baked)?
-        .flatten()
-        .any(|e| e.file_name().to_string_lossy().ends_with(".pool") && !config.cache_dir.join(e.file_name()).exists());
-    if !missing {
-        return Ok(());
-    }
-    let target = cache_file(config)?;
-    let source = baked.join(target.file_name().context("cache file name")?);
-    if target.exists() || !source.is_file() {
-        return Ok(());
-    }
-    std::fs::create_dir_all(&config.cache_dir).with_context(|| format!("creating {}", config.cache_dir.display()))?;
-    let tmp = target.with_extension(format!("pool.tmp.seed.{}", std::process::id()));
-    std::fs::copy(&source, &tmp).with_context(|| format!("copying {} to {}", source.display(), tmp.display()))?;
-    std::fs::rename(&tmp, &target).with_context(|| format!("renaming into {}", target.display()))?;
-    tracing::info!(from = %source.display(), to = %target.display(), "pool cache seeded from the install");
-    Ok(())
 }

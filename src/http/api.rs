@@ -131,7 +131,38 @@ pub async fn encode(State(state): State<Arc<AppState>>, ApiJson(req): ApiJson<En
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct UpsertRequest {
-    pub candidates: Vec<Candidate>,
+    pub candidates: Vec<CandidateBody>,
+}
+
+/// A candidate as the API takes and returns it (openapi.yaml's `Candidate`); the pool's
+/// record (`pool::store::Candidate`) is converted from and to it here.
+#[derive(Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CandidateBody {
+    pub id: String,
+    pub text: String,
+    /// Left out or an object; not null (as openapi.yaml says).
+    #[serde(default, skip_serializing_if = "Option::is_none", deserialize_with = "not_null")]
+    pub meta: Option<serde_json::Value>,
+}
+
+fn not_null<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<serde_json::Value>, D::Error> {
+    match serde_json::Value::deserialize(d)? {
+        serde_json::Value::Null => Err(serde::de::Error::custom("meta may be left out but not null")),
+        v => Ok(Some(v)),
+    }
+}
+
+impl From<CandidateBody> for Candidate {
+    fn from(b: CandidateBody) -> Candidate {
+        Candidate { id: b.id, text: b.text, meta: b.meta }
+    }
+}
+
+impl From<Candidate> for CandidateBody {
+    fn from(c: Candidate) -> CandidateBody {
+        CandidateBody { id: c.id, text: c.text, meta: c.meta }
+    }
 }
 
 #[derive(Deserialize)]
@@ -157,7 +188,7 @@ pub struct WriteResponse {
 pub async fn upsert(State(state): State<Arc<AppState>>, ApiJson(req): ApiJson<UpsertRequest>) -> Result<Json<WriteResponse>, ApiError> {
     let started = Instant::now();
     let n = req.candidates.len();
-    let w = state.infer.upsert(req.candidates).await?;
+    let w = state.infer.upsert(req.candidates.into_iter().map(Candidate::from).collect()).await?;
     let took_ms = started.elapsed().as_secs_f64() * 1e3;
     Ok(Json(WriteResponse { upserted: Some(n), deleted: None, not_found: None, pool_size: w.pool_size, seq: w.seq, took_ms }))
 }
@@ -181,9 +212,9 @@ pub async fn get_candidate(
     State(state): State<Arc<AppState>>,
     Path(id): Path<String>,
     query: Result<Query<GetQuery>, QueryRejection>,
-) -> Result<Json<Candidate>, ApiError> {
+) -> Result<Json<CandidateBody>, ApiError> {
     let Query(q) = query.map_err(|e| ApiError::Validation(e.body_text()))?;
-    state.infer.get(id.clone(), q.min_seq).await?.map(Json).ok_or_else(|| ApiError::NoSuchCandidate(id))
+    state.infer.get(id.clone(), q.min_seq).await?.map(|c| Json(c.into())).ok_or_else(|| ApiError::NoSuchCandidate(id))
 }
 
 pub async fn live() -> Json<serde_json::Value> {

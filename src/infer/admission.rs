@@ -1,8 +1,9 @@
 //! Whether a request may reach the model: text limits, and its cost in tokens against the
 //! per-request budget (`max_request_tokens`). Refusals are `InferError::Validation` (422).
 
-use super::InferError;
+use super::messages::InferError;
 use crate::pool::meta::{violation, MetaLimits};
+use crate::pool::filter::Filter;
 use crate::pool::store::Candidate;
 
 fn check_text(what: &str, t: &str, max_chars: usize) -> Result<(), InferError> {
@@ -125,4 +126,35 @@ pub(super) fn check_candidates(cands: &[Candidate], max_items: usize, max_chars:
         }
     }
     Ok(())
+}
+
+/// What a rank request ranks against, from the fields that say it. The rules on which of
+/// them go together are written here and only here (openapi.yaml describes them).
+pub(super) enum Against {
+    Inline(Vec<String>),
+    Ids(Vec<String>, Option<Filter>),
+    Approximate,
+    Pool(Option<Filter>),
+}
+
+pub(super) fn against(candidates: Option<Vec<String>>, ids: Option<Vec<String>>, approximate: bool, filter: Option<&serde_json::Value>) -> Result<Against, InferError> {
+    let invalid = |m: &str| Err(InferError::Validation(m.into()));
+    if candidates.is_some() && ids.is_some() {
+        return invalid("give either candidates or ids, not both");
+    }
+    if approximate && (candidates.is_some() || ids.is_some()) {
+        return invalid("approximate ranks the pool; it cannot be combined with candidates or ids");
+    }
+    let filter = match filter {
+        Some(_) if candidates.is_some() => return invalid("filter selects pool candidates by meta; it cannot be combined with inline candidates"),
+        Some(_) if approximate => return invalid("filter cannot be combined with approximate"),
+        Some(f) => Some(Filter::parse(f).map_err(InferError::Validation)?),
+        None => None,
+    };
+    Ok(match (candidates, ids) {
+        (Some(c), _) => Against::Inline(c),
+        (None, Some(ids)) => Against::Ids(ids, filter),
+        (None, None) if approximate => Against::Approximate,
+        (None, None) => Against::Pool(filter),
+    })
 }

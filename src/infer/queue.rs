@@ -1,104 +1,93 @@
-//! The queue between the handle and the inference thread: jobs, their replies, and the
-//! batcher that merges waiting jobs by count and token budget.
+//! The queue between the handle and the inference thread: typed jobs (each carries the
+//! sender of its own answer type), the bounded channel, and the batcher that merges waiting
+//! jobs by count and token budget.
 
-use crate::pool::filter::Filter;
+use super::messages::{Hit, JobError, Vectors, Written};
+use super::read::{EncodeWork, RankWork};
 use crate::pool::store::Candidate;
-use crate::text::TextKind;
 use std::sync::mpsc::{Receiver, RecvTimeoutError, SyncSender, TrySendError};
 use std::time::{Duration, Instant};
 use tokenizers::Encoding;
 use tokio::sync::oneshot;
 
-/// What the candidates of a rank job are.
-pub(crate) enum Target {
-    /// The pool, or the part of it whose meta passes the filter.
-    Pool(Option<Filter>),
-    /// Pool candidates by id (resolved on the inference thread: the pool changes), and of
-    /// those the ones that pass the filter.
-    Ids(Vec<String>, Option<Filter>),
-    /// Texts sent with the request, tokenized.
-    Inline(Vec<Encoding>),
-    /// The pool, approximately: only the `preselect` rows that score best against the mean of
-    /// the context's vectors are scored exactly.
-    Approximate(i64),
-}
-
-/// What a pool hit carries besides id and score, and the most bytes of ids, texts and meta
-/// the answer may carry (`max_response_bytes`).
-#[derive(Clone, Copy)]
-pub(crate) struct Want {
-    pub(crate) text: bool,
-    pub(crate) meta: bool,
-    pub(crate) budget: usize,
-}
-
-pub(crate) enum Work {
-    Rank { context: Encoding, target: Target, top_k: i64, want: Want },
-    Encode { texts: Vec<Encoding>, kind: TextKind },
-    /// Encode the texts, log the batch durably, then apply it.
-    Upsert { candidates: Vec<Candidate>, texts: Vec<Encoding> },
-    Delete { ids: Vec<String> },
-    Get { id: String },
-}
-
-pub(crate) enum Output {
-    /// Inline candidates: `(position, score)` best first.
-    Ranked(Vec<(i64, f32)>),
-    /// Pool candidates, best first, resolved while the pool was as ranked.
-    Hits(Vec<PoolHit>),
-    /// Row-major vectors with their shape: `[B, d]` or `[B, m, d]`.
-    Vectors { shape: Vec<usize>, data: Vec<f32> },
-    /// A write is durable and applied: the ids a delete did not find, the pool's size, and
-    /// the store's sequence number of the write.
-    Written { missing: Vec<String>, pool_size: usize, seq: u64 },
-    Found(Option<Candidate>),
-}
-
-pub(crate) struct PoolHit {
-    pub(crate) id: String,
-    pub(crate) score: f32,
-    pub(crate) text: Option<String>,
-    pub(crate) meta: Option<serde_json::Value>,
-}
-
-/// Why the inference thread did not answer a job with an output.
-#[derive(Debug)]
-pub(crate) enum JobError {
-    /// Its deadline passed while it waited.
-    Timeout,
-    /// Too much large work already waits for this one to finish inside its deadline.
-    Overloaded,
-    /// The request does not fit the pool as it is (unknown ids).
-    Invalid(String),
-    /// The store cannot take writes now (a shared store's database is unreachable).
-    StoreUnavailable(String),
-    Failed(String),
-}
-
-pub(crate) type Reply = Result<Output, JobError>;
-
-pub(crate) struct Job {
-    pub(crate) work: Work,
+/// One piece of work, when it must be done by, and where its answer (of type `T`) goes.
+pub(crate) struct Ticket<W, T> {
+    pub(crate) work: W,
     pub(crate) deadline: Instant,
     pub(crate) enqueued: Instant,
-    pub(crate) reply: oneshot::Sender<Reply>,
+    pub(crate) reply: oneshot::Sender<Result<T, JobError>>,
 }
 
-impl Job {
+impl<W, T> Ticket<W, T> {
     /// Still wanted: within its deadline and its client still waiting.
     pub(crate) fn alive(&self, now: Instant) -> bool {
         self.deadline > now && !self.reply.is_closed()
     }
 
+    pub(crate) fn answer(self, out: Result<T, JobError>) {
+        let _ = self.reply.send(out);
+    }
+}
+
+/// Upsert: encode the texts, make the batch durable, then apply it.
+pub(crate) struct UpsertWork {
+    pub(crate) candidates: Vec<Candidate>,
+    pub(crate) texts: Vec<Encoding>,
+}
+
+/// Reads see the pool as it is; they are batched together.
+pub(crate) enum ReadJob {
+    Rank(Ticket<RankWork, Vec<Hit>>),
+    Encode(Ticket<EncodeWork, Vectors>),
+    Get(Ticket<String, Option<Candidate>>),
+}
+
+/// Writes go through the store and are answered once applied.
+pub(crate) enum WriteJob {
+    Upsert(Ticket<UpsertWork, Written>),
+    Delete(Ticket<Vec<String>, Written>),
+}
+
+pub(crate) enum Job {
+    Read(ReadJob),
+    Write(WriteJob),
+}
+
+/// `f(ticket)` for whichever ticket the job holds.
+macro_rules! each_ticket {
+    ($job:expr, $t:ident => $e:expr) => {
+        match $job {
+            Job::Read(ReadJob::Rank($t)) => $e,
+            Job::Read(ReadJob::Encode($t)) => $e,
+            Job::Read(ReadJob::Get($t)) => $e,
+            Job::Write(WriteJob::Upsert($t)) => $e,
+            Job::Write(WriteJob::Delete($t)) => $e,
+        }
+    };
+}
+
+impl Job {
+    pub(crate) fn alive(&self, now: Instant) -> bool {
+        each_ticket!(self, t => t.alive(now))
+    }
+
+    pub(crate) fn enqueued(&self) -> Instant {
+        each_ticket!(self, t => t.enqueued)
+    }
+
+    /// Answers with an error, whatever the job's answer type.
+    pub(crate) fn fail(self, e: JobError) {
+        each_ticket!(self, t => t.answer(Err(e)))
+    }
+
     /// Tokens this job adds to a batch, for the token budget.
     fn tokens(&self) -> usize {
-        let len = |e: &Encoding| e.get_ids().len();
-        match &self.work {
-            Work::Rank { context, target, .. } => {
-                len(context) + if let Target::Inline(c) = target { c.iter().map(len).sum() } else { 0 }
-            }
-            Work::Encode { texts, .. } | Work::Upsert { texts, .. } => texts.iter().map(len).sum(),
-            Work::Delete { .. } | Work::Get { .. } => 0,
+        let sum = |texts: &[Encoding]| texts.iter().map(|e| e.get_ids().len()).sum::<usize>();
+        match self {
+            Job::Read(ReadJob::Rank(t)) => t.work.context.get_ids().len() + t.work.target.inline().map_or(0, |i| sum(&i.encodings)),
+            Job::Read(ReadJob::Encode(t)) => sum(&t.work.texts),
+            Job::Write(WriteJob::Upsert(t)) => sum(&t.work.texts),
+            Job::Read(ReadJob::Get(_)) | Job::Write(WriteJob::Delete(_)) => 0,
         }
     }
 }
@@ -113,9 +102,15 @@ pub(crate) enum SubmitError {
 pub(crate) struct Queue(pub(crate) SyncSender<Job>);
 
 impl Queue {
-    pub(crate) fn submit(&self, work: Work, deadline: Instant) -> Result<oneshot::Receiver<Reply>, SubmitError> {
+    /// Queues `work` as the job `wrap` makes of its ticket; the receiver gets its answer.
+    pub(crate) fn submit<W, T>(
+        &self,
+        wrap: fn(Ticket<W, T>) -> Job,
+        work: W,
+        deadline: Instant,
+    ) -> Result<oneshot::Receiver<Result<T, JobError>>, SubmitError> {
         let (reply, rx) = oneshot::channel();
-        let job = Job { work, deadline, enqueued: Instant::now(), reply };
+        let job = wrap(Ticket { work, deadline, enqueued: Instant::now(), reply });
         match self.0.try_send(job) {
             Ok(()) => Ok(rx),
             Err(TrySendError::Full(_)) => Err(SubmitError::Full),

@@ -2,7 +2,8 @@
 //! Callers hold a no-grad guard (the inference thread sets one for its whole life).
 
 use crate::model::scoring::ContextVectors;
-use crate::model::format::FormatError;
+use crate::model::format::{FormatError, PolySettings};
+use std::sync::Arc;
 use crate::model::PolyEncoder;
 use crate::text::{to_batch, Tokenizer, TextKind};
 use std::path::Path;
@@ -11,7 +12,8 @@ use tokenizers::Encoding;
 
 pub struct Ranker {
     pub model: PolyEncoder,
-    pub text: Tokenizer,
+    /// Shared with the handle, which tokenizes requests before they are queued.
+    pub text: Arc<Tokenizer>,
 }
 
 impl Ranker {
@@ -21,11 +23,18 @@ impl Ranker {
 
     /// With the encoders computing in `precision` (see `PolyEncoder::set_precision`).
     pub fn load_in(dir: &Path, device: Device, precision: tch::Kind) -> Result<Self, FormatError> {
-        let mut model = PolyEncoder::load(dir, device)?;
+        let settings = crate::model::format::PolySettings::load(dir)?;
+        let text = Arc::new(Tokenizer::load(dir, &settings)?);
+        Self::load_with(dir, settings, text, device, precision)
+    }
+
+    /// With the settings and tokenizer already loaded (the server loads them once, for the
+    /// handle and this).
+    pub fn load_with(dir: &Path, settings: PolySettings, text: Arc<Tokenizer>, device: Device, precision: tch::Kind) -> Result<Self, FormatError> {
+        let mut model = PolyEncoder::load_with(dir, settings, device)?;
         if precision != tch::Kind::Float {
             model.set_precision(precision);
         }
-        let text = Tokenizer::load(dir, &model.settings)?;
         Ok(Ranker { model, text })
     }
 

@@ -23,6 +23,24 @@ pub struct ModelInfo {
     pub max_candidate_tokens: usize,
 }
 
+impl ModelInfo {
+    pub(super) fn of(ranker: &super::ranker::Ranker, config: &crate::config::Config) -> ModelInfo {
+        let s = &ranker.model.settings;
+        ModelInfo {
+            model_dir: config.model_dir().display().to_string(),
+            mode: s.mode,
+            n_codes: s.context_vectors(),
+            dim: ranker.model.dim(),
+            device: config.device.clone(),
+            dtype: config.dtype,
+            trained: s.trained,
+            description: s.description.clone(),
+            max_context_tokens: s.max_context_tokens,
+            max_candidate_tokens: s.max_candidate_tokens,
+        }
+    }
+}
+
 /// Written by the inference thread, read by anyone holding the handle.
 #[derive(Default)]
 pub struct Status {

@@ -46,7 +46,11 @@ pub struct PolyEncoder {
 
 impl PolyEncoder {
     pub fn load(dir: &Path, device: Device) -> Result<Self, FormatError> {
-        let settings = PolySettings::load(dir)?;
+        Self::load_with(dir, PolySettings::load(dir)?, device)
+    }
+
+    /// With the directory's `polyrank.json` already read (the server reads it once).
+    pub fn load_with(dir: &Path, settings: PolySettings, device: Device) -> Result<Self, FormatError> {
         let config = BertConfig::load(dir)?;
         let (encoder_vs, context_encoder) = load_bert(dir, &config, device)?;
         let (candidate_vs, candidate_encoder) = if settings.share_encoders {

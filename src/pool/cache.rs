@@ -45,6 +45,12 @@ impl PoolCache {
         Ok(PoolCache { path: cache_dir.join(format!("{}.pool", hex::encode(key))), key })
     }
 
+    /// The same cache file in another directory (the install's baked caches).
+    pub fn in_dir(&self, dir: &Path) -> PoolCache {
+        let name = self.path.file_name().expect("a cache path has a file name");
+        PoolCache { path: dir.join(name), key: self.key }
+    }
+
     /// The cached `[n, d]` vectors, or why the file cannot be used (missing, truncated, corrupt).
     pub fn load(&self, n: usize, d: usize) -> Result<Tensor> {
         let bytes = std::fs::read(&self.path).with_context(|| format!("reading {}", self.path.display()))?;

@@ -4,6 +4,7 @@ pub mod cache;
 pub mod filter;
 pub mod live;
 pub mod meta;
+pub mod open;
 pub mod store;
 
 

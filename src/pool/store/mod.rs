@@ -14,22 +14,15 @@ use anyhow::Result;
 use serde::{Deserialize, Serialize};
 use std::path::{Path, PathBuf};
 
-/// One candidate as stored and as the API takes it.
+/// One candidate as the pool holds it and the stores record it (the write-ahead log, the
+/// snapshot, PostgreSQL's rows): a storage record, not the API's body (`http::api` converts
+/// at the edge), so an API change is not a change of the files' format.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
 pub struct Candidate {
     pub id: String,
     pub text: String,
-    /// Left out or an object; not null (as openapi.yaml says).
-    #[serde(default, skip_serializing_if = "Option::is_none", deserialize_with = "present")]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub meta: Option<serde_json::Value>,
-}
-
-fn present<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<serde_json::Value>, D::Error> {
-    match serde_json::Value::deserialize(d)? {
-        serde_json::Value::Null => Err(serde::de::Error::custom("meta may be left out but not null")),
-        v => Ok(Some(v)),
-    }
 }
 
 /// One logged write.
