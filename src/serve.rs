@@ -13,7 +13,7 @@ use std::time::Duration;
 
 pub fn serve(args: ServeArgs) -> Result<()> {
     let config = Config::resolve(&args)?;
-    tracing::info!(config = %serde_json::to_string(&config).unwrap_or_default(), "settings");
+    tracing::info!(config = %config.for_log(), "settings");
     let metrics = crate::metrics::install()?;
     let (infer, inference) = crate::infer::start(&config, open_store(&config)?)?;
     let state = Arc::new(AppState { infer, config: config.clone(), metrics });

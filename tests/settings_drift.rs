@@ -1,8 +1,8 @@
-//! The server's settings are written in four places: `ServeArgs` (flags, `POLYRANK_*`
-//! variables and the `--help` text), `Config` (the resolved struct), `config/default.toml` (the
-//! shipped defaults) and the configuration table in README.md. These tests fail, naming the key
-//! and the place, when any of them drift apart. `Config` is the reference: its keys come from
-//! serialising the config resolved from `config/default.toml` with no overrides.
+//! The server's settings are defined once, in `Config` (its fields: flag, `POLYRANK_*`
+//! variable, default and `--help` text); `config/default.toml` (the shipped file, with its
+//! comments) and the configuration table in README.md are written from it by hand. These
+//! tests fail, naming the key and the place, when either drifts from the definition, or when
+//! a field breaks the flag/variable naming rule.
 
 use clap::{CommandFactory, Parser};
 use polyrank::config::{Config, ServeArgs};
@@ -31,12 +31,15 @@ fn read(rel: &str) -> String {
     std::fs::read_to_string(root().join(rel)).unwrap_or_else(|e| panic!("reading {rel}: {e}"))
 }
 
+fn parse(flags: &[&str]) -> Result<ServeArgs, clap::Error> {
+    let file = root().join(DEFAULT_TOML);
+    let mut argv = vec!["polyrank", "--config", file.to_str().expect("utf-8 path")];
+    argv.extend_from_slice(flags);
+    W::try_parse_from(argv).map(|w| w.a)
+}
+
 fn resolved() -> Config {
-    let args = ServeArgs {
-        config: root().join(DEFAULT_TOML),
-        ..Default::default()
-    };
-    Config::resolve(&args).unwrap_or_else(|e| panic!("Config::resolve({DEFAULT_TOML}): {e:#}"))
+    Config::resolve(&parse(&[]).expect("no flags parse")).unwrap_or_else(|e| panic!("Config::resolve({DEFAULT_TOML}): {e:#}"))
 }
 
 /// Every `Config` key with its resolved default value, as serialised (no `api_key`).
@@ -197,8 +200,8 @@ fn changed(v: &Value) -> Value {
     }
 }
 
-/// `Config::resolve` merges `ServeArgs` serialised by serde, so each flag only overrides its
-/// setting if the field's serde name is the key and its type accepts the key's values.
+/// A given flag beats the file for its own setting (through `Config::layered`, unchecked:
+/// some changed values would not pass `validate`).
 #[test]
 fn every_flag_overrides_its_config_key() {
     let defaults = serialised_config();
@@ -212,7 +215,7 @@ fn every_flag_overrides_its_config_key() {
             let choices: Vec<String> = cmd
                 .get_arguments()
                 .find(|a| a.get_long() == Some(long.as_str()))
-                .map(|a| a.get_possible_values().iter().map(|p| p.get_name().to_string()).collect())
+                .map(|a| a.get_possible_values().iter().map(|p| p.get_name().to_string()).filter(|n| n != "true" && n != "false").collect())
                 .unwrap_or_default();
             match (v, choices.is_empty()) {
                 (Value::String(cur), false) => (k.clone(), Value::String(choices.into_iter().find(|c| c != cur).expect("another value"))),
@@ -223,24 +226,47 @@ fn every_flag_overrides_its_config_key() {
     cases.push((SKIPPED_KEY.to_string(), Value::String("secret".into())));
     for (key, value) in cases {
         let flag = format!("--{}", key.replace('_', "-"));
-        let w = match W::try_parse_from(["polyrank", flag.as_str(), &as_flag_value(&value)]) {
-            Ok(w) => w,
+        let args = match parse(&[flag.as_str(), &as_flag_value(&value)]) {
+            Ok(a) => a,
             Err(e) => {
-                problems.push(format!(
-                    "ServeArgs flag {flag} {value}: does not parse: {e}"
-                ));
+                problems.push(format!("flag {flag} {value}: does not parse: {e}"));
                 continue;
             }
         };
-        let overrides = toml::Table::try_from(&w.a).expect("serialising ServeArgs");
-        match overrides.get(&key) {
+        let layered = match Config::layered(&args) {
+            Ok(c) => toml::Table::try_from(c).expect("serialising Config"),
+            Err(e) => {
+                problems.push(format!("flag {flag} {value}: settings do not layer: {e:#}"));
+                continue;
+            }
+        };
+        match layered.get(&key) {
             Some(got) if *got == value => {}
-            got => problems.push(format!(
-                "ServeArgs flag {flag} {value}: overrides Config key `{key}` with {got:?}"
-            )),
+            got => problems.push(format!("flag {flag} {value}: Config key `{key}` is {got:?}")),
         }
     }
-    report("ServeArgs flags do not reach their Config keys", &problems);
+    report("flags do not reach their Config keys", &problems);
+}
+
+/// The shipped file says what the definition's defaults are: starting without it (every key
+/// from `#[arg(default_value…)]`) and with it gives the same settings.
+#[test]
+fn default_toml_values_are_the_definitions_defaults() {
+    let empty = std::env::temp_dir().join(format!("polyrank-empty-{}.toml", std::process::id()));
+    std::fs::write(&empty, "").unwrap();
+    let args = W::try_parse_from(["polyrank", "--config", empty.to_str().unwrap()]).expect("parse").a;
+    let bare = toml::Table::try_from(Config::layered(&args).expect("defaults alone layer")).unwrap();
+    std::fs::remove_file(&empty).ok();
+    let file = default_toml();
+    let mut problems = Vec::new();
+    for (k, v) in &bare {
+        match file.get(k) {
+            Some(f) if same(f, v) => {}
+            Some(f) => problems.push(format!("`{k}`: {DEFAULT_TOML} says {f}, the definition's default is {v}")),
+            None => problems.push(format!("`{k}`: not in {DEFAULT_TOML} (default {v})")),
+        }
+    }
+    report(&format!("{DEFAULT_TOML} and the defaults in Config's #[arg]s disagree"), &problems);
 }
 
 #[test]
