@@ -153,3 +153,58 @@ pub(crate) fn collect(first: Job, rx: &Receiver<Job>, limits: BatchLimits, carry
     }
     batch
 }
+
+#[cfg(test)]
+mod tests {
+    //! Batch forming, with no model and no thread: jobs on a channel, `collect` takes them.
+    use super::*;
+    use crate::text::TextKind;
+
+    fn encode_job(tokens: usize) -> (Job, oneshot::Receiver<Result<Vectors, JobError>>) {
+        let ids = vec![1u32; tokens];
+        let e = Encoding::new(ids, vec![0; tokens], vec![String::new(); tokens], vec![None; tokens], vec![(0, 0); tokens], vec![0; tokens], vec![1; tokens], vec![], Default::default());
+        let (reply, rx) = oneshot::channel();
+        let far = Instant::now() + Duration::from_secs(60);
+        (Job::Read(ReadJob::Encode(Ticket { work: EncodeWork { texts: vec![e], kind: TextKind::Candidate }, deadline: far, enqueued: Instant::now(), reply })), rx)
+    }
+
+    #[test]
+    fn batches_stop_at_the_count_or_the_token_budget_and_carry_the_next_job() {
+        let (tx, rx) = std::sync::mpsc::sync_channel(16);
+        let mut receivers = Vec::new();
+        for tokens in [10, 20, 30, 40, 50] {
+            let (job, r) = encode_job(tokens);
+            tx.send(job).unwrap();
+            receivers.push(r);
+        }
+        let limits = BatchLimits { max_batch_size: 3, max_batch_tokens: 55, max_wait: Duration::ZERO };
+        let mut carry = None;
+        let first = rx.recv().unwrap();
+        // 10 + 20 fit; 30 would make 60 > 55: it starts the next batch.
+        let batch = collect(first, &rx, limits, &mut carry);
+        assert_eq!(batch.iter().map(Job::tokens).collect::<Vec<_>>(), vec![10, 20]);
+        let next = carry.take().expect("the job over the budget is carried");
+        assert_eq!(next.tokens(), 30);
+        // 30 + 40 > 55 again: one job alone.
+        let batch = collect(next, &rx, limits, &mut carry);
+        assert_eq!(batch.len(), 1);
+        let next = carry.take().unwrap();
+        let batch = collect(next, &rx, BatchLimits { max_batch_size: 2, max_batch_tokens: 1000, max_wait: Duration::ZERO }, &mut carry);
+        assert_eq!(batch.iter().map(Job::tokens).collect::<Vec<_>>(), vec![40, 50]);
+        assert!(carry.is_none());
+        // A failed job is answered with its error, whatever its answer type.
+        for j in batch {
+            j.fail(JobError::Timeout);
+        }
+        assert!(matches!(receivers[4].try_recv(), Ok(Err(JobError::Timeout))));
+    }
+
+    #[test]
+    fn a_full_queue_refuses_at_once() {
+        let (tx, _rx) = std::sync::mpsc::sync_channel(1);
+        let q = Queue(tx);
+        let far = Instant::now() + Duration::from_secs(60);
+        assert!(q.submit(|t| Job::Read(ReadJob::Get(t)), "a".to_string(), far).is_ok());
+        assert!(matches!(q.submit(|t| Job::Read(ReadJob::Get(t)), "b".to_string(), far), Err(SubmitError::Full)));
+    }
+}

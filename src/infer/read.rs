@@ -309,3 +309,146 @@ pub(crate) fn vectors(t: &Tensor) -> Vectors {
     let data = Vec::<f32>::try_from(t.view([-1])).unwrap_or_default();
     Vectors { shape, data }
 }
+
+#[cfg(all(test, feature = "testkit"))]
+mod tests {
+    //! The batch's reads against a tiny random-weight model and an in-memory pool: no server,
+    //! no queue, no thread. Each read of a mixed batch must answer as it does alone, and as
+    //! the brute-force ranking does.
+    use super::*;
+    use crate::pool::store::Candidate;
+    use serde_json::json;
+
+    fn ranker(dir: &std::path::Path) -> Ranker {
+        crate::testkit::write_tiny_model(dir, &crate::testkit::tiny_settings(4), 7).unwrap();
+        Ranker::load(dir, tch::Device::Cpu).unwrap()
+    }
+
+    const WORDS: &[&str] = &["pizza", "cats", "dogs", "rain", "sun", "music", "guitar", "books", "travel", "paris"];
+
+    fn pool(r: &Ranker, n: usize) -> LivePool {
+        let cands: Vec<Candidate> = (0..n)
+            .map(|i| Candidate {
+                id: format!("c{i}"),
+                // Distinct for i < 100: tied scores would leave the order to chance.
+                text: format!("i like {} and {} with {}", WORDS[i % 10], WORDS[(i / 10) % 10], WORDS[(i * 3 + 1) % 10]),
+                meta: Some(json!({"even": i % 2 == 0})),
+            })
+            .collect();
+        let texts: Vec<String> = cands.iter().map(|c| c.text.clone()).collect();
+        let v = r.candidate_vectors(&r.tokenize(&texts, TextKind::Candidate).unwrap(), 16);
+        LivePool::new(cands, v, crate::pool::meta::MetaLimits { keys: 8, depth: 2, bytes: 1024, string_chars: 64 }, 1 << 20)
+    }
+
+    fn want() -> Want {
+        Want { text: true, meta: true, budget: 1 << 20 }
+    }
+
+    fn rank(r: &Ranker, context: &str, target: Target, top_k: i64) -> RankWork {
+        let context = r.tokenize(&[context.to_string()], TextKind::Context).unwrap().remove(0);
+        RankWork { context, target, top_k, want: want() }
+    }
+
+    fn inline(r: &Ranker, texts: &[&str]) -> Target {
+        let texts: Vec<String> = texts.iter().map(|t| t.to_string()).collect();
+        let encodings = r.tokenize(&texts, TextKind::Candidate).unwrap();
+        Target::Inline(Inline { texts, encodings })
+    }
+
+    fn hits(o: &Outcome<Vec<Hit>, ContextVectors>) -> Vec<(String, f32)> {
+        match o {
+            Outcome::Done(Ok(h)) => h.iter().map(|h| (h.id.clone(), h.score)).collect(),
+            Outcome::Done(Err(e)) => panic!("a read failed: {e:?}"),
+            Outcome::Later(_) => panic!("a small read was sent to chunks"),
+        }
+    }
+
+    fn same(a: &[(String, f32)], b: &[(String, f32)]) {
+        assert_eq!(a.iter().map(|h| &h.0).collect::<Vec<_>>(), b.iter().map(|h| &h.0).collect::<Vec<_>>());
+        for (x, y) in a.iter().zip(b) {
+            assert!((x.1 - y.1).abs() <= 1e-5 * x.1.abs().max(1.0), "{} scored {} and {}", x.0, x.1, y.1);
+        }
+    }
+
+    #[test]
+    fn each_read_of_a_mixed_batch_answers_as_it_does_alone_and_as_brute_force() {
+        let _g = tch::no_grad_guard();
+        let dir = tempfile::tempdir().unwrap();
+        let r = ranker(dir.path());
+        let p = pool(&r, 60);
+        let even = Filter::parse(&json!({"even": true})).unwrap();
+        let works = vec![
+            rank(&r, "what is your favourite food", Target::Pool(None), 5),
+            rank(&r, "do you like the rain", Target::Pool(None), 7),
+            rank(&r, "hello how are you", Target::Pool(Some(even)), 4),
+            rank(&r, "i love books", Target::Ids(vec!["c3".into(), "c10".into(), "c11".into()], None), 3),
+            rank(&r, "i love books", inline(&r, &["i like pizza", "cats are good", "i like pizza"]), 3),
+            rank(&r, "travel to paris", Target::Approximate(60), 5),
+        ];
+        let enc = |texts: &[&str], kind| EncodeWork {
+            texts: r.tokenize(&texts.iter().map(|t| t.to_string()).collect::<Vec<_>>(), kind).unwrap(),
+            kind,
+        };
+        let encodes = vec![enc(&["i like pizza", "the sun"], TextKind::Candidate), enc(&["how are you today"], TextKind::Context)];
+        let refs: Vec<&RankWork> = works.iter().collect();
+        let erefs: Vec<&EncodeWork> = encodes.iter().collect();
+        let batch = run(&r, &p, &refs, &erefs, 8);
+        assert_eq!((batch.ranks.len(), batch.encodes.len()), (works.len(), encodes.len()));
+        for (i, w) in works.iter().enumerate() {
+            let alone = run(&r, &p, &[w], &[], 8);
+            same(&hits(&batch.ranks[i]), &hits(&alone.ranks[0]));
+        }
+        // The whole pool, filtered or not, as the model ranks every row.
+        let exact = p.exact_vectors();
+        let brute = |w: &RankWork, rows: &[usize]| -> Vec<(String, f32)> {
+            let codes = r.context_codes(std::slice::from_ref(&w.context), 1);
+            let sub = exact.index_select(0, &Tensor::from_slice(&rows.iter().map(|&x| x as i64).collect::<Vec<_>>()));
+            r.model.rank(&codes, &sub, &[w.top_k]).swap_remove(0).into_iter().map(|(i, s)| (format!("c{}", rows[i as usize]), s)).collect()
+        };
+        let all: Vec<usize> = (0..60).collect();
+        same(&hits(&batch.ranks[0]), &brute(&works[0], &all));
+        same(&hits(&batch.ranks[1]), &brute(&works[1], &all));
+        same(&hits(&batch.ranks[2]), &brute(&works[2], &all.iter().copied().filter(|i| i % 2 == 0).collect::<Vec<_>>()));
+        same(&hits(&batch.ranks[3]), &brute(&works[3], &[3, 10, 11]));
+        // Preselecting every row is the exact ranking.
+        same(&hits(&batch.ranks[5]), &brute(&works[5], &all));
+        // Inline candidates: ids are positions; the same text twice scores the same.
+        let h = hits(&batch.ranks[4]);
+        let score = |id: &str| h.iter().find(|x| x.0 == id).map(|x| x.1);
+        assert_eq!(score("0"), score("2"));
+        // Encodes: the candidate side matches the pool's own vectors for the same text.
+        match (&batch.encodes[0], &batch.encodes[1]) {
+            (Outcome::Done(Ok(c)), Outcome::Done(Ok(x))) => {
+                assert_eq!(c.shape, vec![2, 32]);
+                assert_eq!(x.shape, vec![1, 4, 32]);
+                let again = vectors(&r.candidate_vectors(&encodes[0].texts, 1));
+                for (a, b) in c.data.iter().zip(&again.data) {
+                    assert!((a - b).abs() < 1e-5);
+                }
+            }
+            _ => panic!("small encodes are answered in the batch"),
+        }
+    }
+
+    #[test]
+    fn unknown_ids_and_oversized_answers_are_refused_and_large_work_goes_to_chunks() {
+        let _g = tch::no_grad_guard();
+        let dir = tempfile::tempdir().unwrap();
+        let r = ranker(dir.path());
+        let p = pool(&r, 20);
+        let unknown = rank(&r, "hello", Target::Ids(vec!["c1".into(), "nope".into()], None), 2);
+        let mut big_answer = rank(&r, "hello", Target::Pool(None), 20);
+        big_answer.want.budget = 10;
+        let long: Vec<&str> = std::iter::repeat_n("i like pizza and cats and dogs and music and the rain", 60).collect();
+        let chunked = rank(&r, "hello", inline(&r, &long), 3);
+        let big_encode = EncodeWork { texts: r.tokenize(&long.iter().map(|t| t.to_string()).collect::<Vec<_>>(), TextKind::Candidate).unwrap(), kind: TextKind::Candidate };
+        let out = run(&r, &p, &[&unknown, &big_answer, &chunked], &[&big_encode], 8);
+        assert!(matches!(&out.ranks[0], Outcome::Done(Err(JobError::Invalid(m))) if m.contains("nope")));
+        assert!(matches!(&out.ranks[1], Outcome::Done(Err(JobError::Invalid(m))) if m.contains("max_response_bytes")));
+        match &out.ranks[2] {
+            Outcome::Later(codes) => assert_eq!(codes.y.size(), vec![1, 4, 32]),
+            _ => panic!("inline candidates over a chunk go on in chunks"),
+        }
+        assert!(matches!(out.encodes[0], Outcome::Later(())));
+    }
+}

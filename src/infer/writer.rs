@@ -136,3 +136,82 @@ fn store_error(e: StoreError) -> JobError {
         StoreError::Failed(m) => JobError::Failed(format!("the write was not stored: {m}")),
     }
 }
+
+#[cfg(all(test, feature = "testkit"))]
+mod tests {
+    //! Writes through a real file store and a tiny model, with no server and no queue: each
+    //! is answered once applied, in the store's order, and a reopened store has them all.
+    use super::*;
+    use crate::pool::open::{open, Bounds, Caches, Source};
+    use crate::pool::store::{Candidate, FileStore};
+    use std::path::Path;
+    use tch::Tensor;
+
+    struct Enc<'a>(&'a Ranker);
+
+    impl Source for Enc<'_> {
+        fn encode(&mut self, texts: &[String]) -> anyhow::Result<Tensor> {
+            let enc = self.0.tokenize(texts, TextKind::Candidate).map_err(anyhow::Error::msg)?;
+            Ok(self.0.candidate_vectors(&enc, 8))
+        }
+        fn dim(&self) -> i64 {
+            self.0.model.dim()
+        }
+        fn stopping(&self) -> bool {
+            false
+        }
+        fn phase(&mut self, _: &str) {}
+        fn seeding(&mut self, _: usize) {}
+        fn cache_reused(&mut self, _: usize) {}
+    }
+
+    fn opened(dir: &Path, r: &Ranker) -> (LivePool, Writer) {
+        let files = vec![dir.join("pool.txt")];
+        let mut store: Box<dyn Durable> = Box::new(FileStore::open_dir(&dir.join("store"), 1 << 20).unwrap());
+        let cache = crate::pool::cache::PoolCache::new(&dir.join("cache"), &dir.join("model"), &r.model.settings, &files, crate::config::Dtype::Float32).unwrap();
+        let bounds = Bounds { meta: crate::pool::meta::MetaLimits { keys: 8, depth: 2, bytes: 1024, string_chars: 64 }, index_bytes: 1 << 20 };
+        let o = open(store.as_mut(), &files, "tiny", Caches { cache, baked: None }, &bounds, &mut Enc(r)).unwrap();
+        (o.pool, Writer::new(store, o.seq))
+    }
+
+    #[test]
+    fn writes_are_answered_once_applied_in_order_and_a_reopened_store_has_them() {
+        let _g = tch::no_grad_guard();
+        let dir = tempfile::tempdir().unwrap();
+        crate::testkit::write_tiny_model(&dir.path().join("model"), &crate::testkit::tiny_settings(4), 3).unwrap();
+        let r = Ranker::load(&dir.path().join("model"), tch::Device::Cpu).unwrap();
+        std::fs::write(dir.path().join("pool.txt"), "i like pizza\ncats are good\nthe rain today\n").unwrap();
+        let (mut pool, mut w) = opened(dir.path(), &r);
+        assert_eq!((pool.len(), w.applied()), (3, 0));
+        assert!(w.sync(&mut pool, &r, 8).is_none(), "nothing submitted, nothing to apply");
+        let first = pool.candidates()[0].id.clone();
+
+        let new = vec![Candidate { id: "n1".into(), text: "i love books".into(), meta: None }];
+        let v = r.candidate_vectors(&r.tokenize(&["i love books".to_string()], TextKind::Candidate).unwrap(), 8);
+        let (up_tx, mut up_rx) = oneshot::channel();
+        let (del_tx, mut del_rx) = oneshot::channel();
+        w.submit(Op::Upsert(new, flat(&v)), up_tx);
+        w.submit(Op::Delete(vec![first.clone(), "missing".into()]), del_tx);
+        // Not answered before it is applied.
+        assert!(up_rx.try_recv().is_err());
+        let synced = w.sync(&mut pool, &r, 8).expect("the store had the writes");
+        assert!(up_rx.try_recv().is_err(), "answered only after the owner published the pool");
+        synced.answer();
+        let up = up_rx.try_recv().unwrap().unwrap();
+        let del = del_rx.try_recv().unwrap().unwrap();
+        assert_eq!((up.seq, up.pool_size), (1, 4));
+        assert_eq!((del.seq, del.pool_size, del.missing), (2, 3, vec!["missing".to_string()]));
+        assert_eq!(w.applied(), 2);
+        assert!(pool.row(&first).is_none());
+        let row = pool.row("n1").expect("the upsert is in the pool");
+        let stored = pool.exact_vectors().get(row as i64);
+        assert!((stored - v.get(0)).abs().max().double_value(&[]) < 1e-6);
+        let digest = pool.digest();
+        w.finish();
+        drop(w);
+
+        // Recovery replays the log with the same `Op::apply`.
+        let (again, w2) = opened(dir.path(), &r);
+        assert_eq!((again.digest(), w2.applied()), (digest, 2));
+    }
+}
