@@ -6,7 +6,7 @@
 #
 # --warm-cache: also the default pool's encoded cache, made by the staged binary
 # (`polyrank warm-cache`), in share/polyrank/pool-cache: the image's
-# /usr/local/share/polyrank/pool-cache, which `serve` copies into an empty cache_dir, so the
+# /usr/local/share/polyrank/pool-cache, which `serve` reads when it seeds a store (and copies into cache_dir), so the
 # image starts ready. Encoding 10k candidates takes ~1 min on 2 cores; WARM_CACHE_DIR (default:
 # a fresh temp dir) is where warm-cache looks first and writes, e.g. data/pool-cache to reuse.
 # POLYRANK_BIN: the binary to stage (default target/release/polyrank); STAGE_POOL: the pool
