@@ -65,7 +65,7 @@ fn main() {
 
 /// This build against `base`, alternately, `rounds` times per (model, N).
 fn compare(models: &[PathBuf], sizes: &[usize], seconds: f64, base: &std::path::Path, base_config: Option<&std::path::Path>, rounds: usize, clients: usize) {
-    let mut md = format!("| model | N | baseline p50 ms | this build p50 ms | p50 ratio (this / baseline) | baseline req/s at {clients} clients | this build req/s | throughput ratio | rounds |\n|---|---|---|---|---|---|---|---|---|\n");
+    let mut md = format!("| model | N | baseline p50 ms | this build p50 ms | p50 ratio (this / baseline) | baseline req/s at {clients} clients | this build req/s | throughput ratio | rounds | scoring precision per round (baseline / this build) |\n|---|---|---|---|---|---|---|---|---|---|\n");
     for model in models {
         let d = BertConfig::load(model).unwrap().hidden_size;
         for &n in sizes {
@@ -73,6 +73,7 @@ fn compare(models: &[PathBuf], sizes: &[usize], seconds: f64, base: &std::path::
             let (pool, _, _) = synthetic_pool(dir.path(), model, n, d);
             let mut p50 = [Vec::new(), Vec::new()];
             let mut rps = [Vec::new(), Vec::new()];
+            let mut precisions: [Vec<String>; 2] = [Vec::new(), Vec::new()];
             for _ in 0..rounds {
                 for (which, bin) in [Some(base), None].into_iter().enumerate() {
                     let mut setup = Setup::new(model, &pool, &dir.path().join("cache"));
@@ -87,6 +88,10 @@ fn compare(models: &[PathBuf], sizes: &[usize], seconds: f64, base: &std::path::
                     let url = s.url("/rank");
                     let body = |i: usize| json!({"context": CONTEXTS[i % CONTEXTS.len()], "top_k": 10});
                     load(&url, 1, 1.0, body);
+                    // What each side scores in (`auto` decides at start), said per round.
+                    let info: serde_json::Value = serde_json::from_str(&s.get("/info").1).unwrap_or_default();
+                    precisions[which].push(info["scoring"]["precision"].as_str().unwrap_or("float32").to_string());
+                    eprintln!("N = {n}, {}: {}", if which == 0 { "baseline" } else { "this build" }, info["scoring"]["reason"]);
                     let r = load(&url, 1, seconds, body);
                     assert_eq!(r.errors, 0, "{} failed requests", r.errors);
                     p50[which].push(r.p50_ms);
@@ -98,7 +103,13 @@ fn compare(models: &[PathBuf], sizes: &[usize], seconds: f64, base: &std::path::
             let (b, t) = (median(&mut p50[0]), median(&mut p50[1]));
             let name = model.strip_prefix(root()).unwrap_or(model).display();
             let (rb, rt) = (median(&mut rps[0]), median(&mut rps[1]));
-            let line = format!("| {name} | {n} | {b:.1} | {t:.1} | {:.3} | {rb:.1} | {rt:.1} | {:.2} | {rounds} |\n", t / b, rt / rb);
+            let line = format!(
+                "| {name} | {n} | {b:.1} | {t:.1} | {:.3} | {rb:.1} | {rt:.1} | {:.2} | {rounds} | {} / {} |\n",
+                t / b,
+                rt / rb,
+                precisions[0].join(","),
+                precisions[1].join(",")
+            );
             eprint!("{line}");
             md += &line;
         }

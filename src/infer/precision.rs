@@ -103,7 +103,10 @@ fn measure(ranker: &Ranker, pool: &LivePool, requested: ScoringPrecision, int8: 
             continue;
         }
         if p != Precision::Float32 {
-            let quick = time(&CandidateRows::encode(&head, p, Kind::Float), 0);
+            // One warm-up first: a path's first ranking builds its oneDNN kernels and runs
+            // TorchScript's profiling pass (int8 measured 2× float32 that way, and was dropped
+            // at half the starts of a 100k pool where it runs at 0.65× float32).
+            let quick = time(&CandidateRows::encode(&head, p, Kind::Float), 1);
             if quick > 2.0 * fp32_head {
                 dropped.push(format!("{} {:.0}× float32 on {} rows", p.name(), quick / fp32_head, head.size()[0]));
                 continue;
