@@ -84,6 +84,10 @@ pub struct EvalArgs {
     /// Evaluate only the first N examples.
     #[arg(long)]
     pub limit: Option<usize>,
+    /// Precision of the transformer encoders, as `serve`'s `dtype` (the head and scoring stay
+    /// in fp32): what a precision does to quality.
+    #[arg(long, value_enum, default_value_t = crate::config::Dtype::Float32)]
+    pub dtype: crate::config::Dtype,
 }
 
 /// What the encoder-side features depend on: the encoder's content and settings.
@@ -102,7 +106,7 @@ pub fn eval(a: EvalArgs) -> Result<()> {
     }
     let mut shared: Option<(String, crate::offline::eval::Features)> = None;
     for dir in &a.model {
-        let ranker = Ranker::load(dir, tch::Device::Cpu)?;
+        let ranker = Ranker::load_in(dir, tch::Device::Cpu, a.dtype.kind())?;
         let id = encoder_identity(&ranker)?;
         if shared.as_ref().is_none_or(|(k, _)| *k != id) || !ranker.model.settings.share_encoders {
             let f = crate::offline::eval::Features::compute(&ranker, &examples, a.batch_size, !a.json)?;
