@@ -27,10 +27,13 @@ pub(super) fn bounds(config: &Config) -> Bounds {
 pub(super) fn open_pool(ranker: &Ranker, config: &Config, status: &Status, store: &mut dyn Durable) -> Result<Opened> {
     let settings = &ranker.model.settings;
     let key = vectors_key(config.model_dir(), settings, config.dtype)?;
-    let cache = PoolCache::new(&config.cache_dir, config.model_dir(), settings, &config.candidates, config.dtype)?;
-    let baked = baked_cache_dir().map(|dir| cache.in_dir(&dir));
+    let caches = || {
+        let cache = PoolCache::new(&config.cache_dir, config.model_dir(), settings, &config.candidates, config.dtype)?;
+        let baked = baked_cache_dir().map(|dir| cache.in_dir(&dir));
+        Ok(Caches { cache, baked })
+    };
     let mut src = Encoding { ranker, config, status };
-    let opened = crate::pool::open::open(store, &config.candidates, &key, Caches { cache, baked }, &bounds(config), &mut src)?;
+    let opened = crate::pool::open::open(store, &config.candidates, &key, &caches, &bounds(config), &mut src)?;
     let kind = if config.fp16_candidates { Kind::Half } else { Kind::Float };
     Ok(Opened { pool: opened.pool.to(ranker.model.device, Precision::Float32, kind), ..opened })
 }

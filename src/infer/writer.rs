@@ -170,7 +170,8 @@ mod tests {
         let mut store: Box<dyn Durable> = Box::new(FileStore::open_dir(&dir.join("store"), 1 << 20).unwrap());
         let cache = crate::pool::cache::PoolCache::new(&dir.join("cache"), &dir.join("model"), &r.model.settings, &files, crate::config::Dtype::Float32).unwrap();
         let bounds = Bounds { meta: crate::pool::meta::MetaLimits { keys: 8, depth: 2, bytes: 1024, string_chars: 64 }, index_bytes: 1 << 20 };
-        let o = open(store.as_mut(), &files, "tiny", Caches { cache, baked: None }, &bounds, &mut Enc(r)).unwrap();
+        let caches = || Ok(Caches { cache: cache.in_dir(&dir.join("cache")), baked: None });
+        let o = open(store.as_mut(), &files, "tiny", &caches, &bounds, &mut Enc(r)).unwrap();
         (o.pool, Writer::new(store, o.seq))
     }
 
