@@ -75,7 +75,8 @@ impl Durable for FileStore {
         self.vectors_key = key.to_string();
         self.seed_hash = seed_hash(files)?;
         let (snapshot, logs) = self.files.insert(Files::open(&self.dir)?).recover()?;
-        let (mut pool, last_seq, mut changed) = match &snapshot {
+        let header = snapshot.as_ref().map(|s| s.header.clone());
+        let (mut pool, last_seq, mut changed) = match snapshot {
             None => {
                 let seed = Pool::load(files)?;
                 let v = enc.seed(&seed)?;
@@ -86,7 +87,8 @@ impl Durable for FileStore {
                 let h = &s.header;
                 anyhow::ensure!(h.d as i64 == enc.dim() || h.vectors_key != key, "the store's snapshot holds {}-d vectors for this model", h.d);
                 let v = Tensor::from_slice(&s.vectors).view([h.n as i64, h.d as i64]);
-                (enc.pool(s.candidates.clone(), v), h.last_seq, false)
+                // Moved, not cloned: 100k candidates' texts and meta.
+                (enc.pool(s.candidates, v), h.last_seq, false)
             }
         };
         let mut seq = last_seq;
@@ -102,7 +104,7 @@ impl Durable for FileStore {
         if replayed > 0 {
             tracing::info!(writes = replayed, candidates = pool.len(), "store log replayed");
         }
-        if snapshot.as_ref().is_some_and(|s| s.header.vectors_key != key) {
+        if header.as_ref().is_some_and(|h| h.vectors_key != key) {
             tracing::warn!("the model changed since the store was written: encoding every candidate again");
             let cands = pool.candidates().to_vec();
             let texts: Vec<String> = cands.iter().map(|c| c.text.clone()).collect();
@@ -110,7 +112,7 @@ impl Durable for FileStore {
             pool = enc.pool(cands, v);
             changed = true;
         }
-        if snapshot.as_ref().is_some_and(|s| s.header.seed_hash != self.seed_hash) {
+        if header.as_ref().is_some_and(|h| h.seed_hash != self.seed_hash) {
             let (upserts, v) = changed_in_files(files, &pool, enc)?;
             pool.upsert(upserts, &v);
             changed = true;
