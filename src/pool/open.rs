@@ -63,7 +63,7 @@ pub fn open(
     bounds: &Bounds,
     src: &mut dyn Source,
 ) -> Result<Opened> {
-    let mut seeding = Seeding { src, caches, seeded: false, used: None, bounds: bounds.clone() };
+    let mut seeding = Seeding { src, caches, used: None, bounds: bounds.clone() };
     let (pool, seq) = store.open(files, vectors_key, &mut seeding)?;
     warn_over_limits(&pool, &bounds.meta);
     Ok(Opened { pool, seq, cache: seeding.used })
@@ -73,30 +73,33 @@ pub fn open(
 struct Seeding<'a> {
     src: &'a mut dyn Source,
     caches: &'a dyn Fn() -> Result<Caches>,
-    seeded: bool,
     used: Option<PoolCache>,
     bounds: Bounds,
 }
 
 impl Encoder for Seeding<'_> {
     fn seed(&mut self, pool: &Pool) -> Result<Tensor> {
-        anyhow::ensure!(!std::mem::replace(&mut self.seeded, true), "the pool was seeded twice");
         let Caches { cache, baked } = (self.caches)()?;
         self.src.seeding(pool.len());
         let (n, d) = (pool.len(), self.src.dim() as usize);
         let t0 = Instant::now();
+        // A read-only cache directory costs the next start time, not this one's service.
+        let keep = |v: &Tensor| match cache.store(v) {
+            Ok(()) => tracing::info!(path = %cache.path.display(), "pool cache written"),
+            Err(e) => tracing::warn!("pool cache not written: {e:#}"),
+        };
         let found = match cache.load(n, d) {
             Ok(v) => Some(v),
             Err(e) => {
                 if cache.path.exists() {
                     tracing::warn!("pool cache not usable: {e:#}");
                 }
-                baked.as_ref().and_then(|b| b.load(n, d).ok()).inspect(|v| {
-                    tracing::info!(path = %baked.as_ref().map(|b| b.path.display().to_string()).unwrap_or_default(), "pool cache read from the install");
+                let from_install = baked.and_then(|b| b.load(n, d).ok().map(|v| (b.path, v)));
+                from_install.map(|(path, v)| {
+                    tracing::info!(path = %path.display(), "pool cache read from the install");
                     // The next store seeded here (a new volume, another replica) finds it too.
-                    if let Err(e) = cache.store(v) {
-                        tracing::warn!("pool cache not written: {e:#}");
-                    }
+                    keep(&v);
+                    v
                 })
             }
         };
@@ -113,11 +116,7 @@ impl Encoder for Seeding<'_> {
                 }
                 metrics::gauge!(crate::metrics::CACHE_REUSED).set(0.0);
                 let v = self.src.encode(&pool.texts)?;
-                match cache.store(&v) {
-                    Ok(()) => tracing::info!(path = %cache.path.display(), "pool cache written"),
-                    // A read-only cache directory costs the next start time, not this one's service.
-                    Err(e) => tracing::warn!("pool cache not written: {e:#}"),
-                }
+                keep(&v);
                 v
             }
         };
