@@ -11,10 +11,25 @@ root="$(cd "$(dirname "$0")/.." && pwd)"
 venv="$root/.venv"
 req="$root/requirements.txt"
 stamp="$venv/.polyrank-requirements"
+parlai_req="$root/requirements-parlai.txt"
+parlai_lib="$venv/parlai-lib"
+parlai_stamp="$venv/.polyrank-requirements-parlai"
+say() { printf '==> [setup-venv %s] %s\n' "$(date +%H:%M:%S)" "$*"; }
+# ParlAI (the tests' reference for imported ParlAI models) goes into a folder of its own,
+# without dependencies: see requirements-parlai.txt.
+parlai() {
+  if [ -f "$parlai_stamp" ] && cmp -s "$parlai_stamp" "$parlai_req"; then
+    return 0
+  fi
+  say "installing requirements-parlai.txt into $parlai_lib (--no-deps)"
+  rm -rf "$parlai_lib"
+  "$venv/bin/pip" install --no-deps --target "$parlai_lib" -r "$parlai_req"
+  cp "$parlai_req" "$parlai_stamp"
+}
 if [ -f "$stamp" ] && cmp -s "$stamp" "$req"; then
+  parlai
   exit 0
 fi
-say() { printf '==> [setup-venv %s] %s\n' "$(date +%H:%M:%S)" "$*"; }
 say "creating the project virtualenv in $venv (first run only)"
 python3 -m venv "$venv"
 say "upgrading pip"
@@ -22,4 +37,5 @@ say "upgrading pip"
 say "installing requirements.txt: torch (libtorch for the build, ~4.7 GB with its CUDA libraries), the MiniLM weights, sentence-transformers, the chitchat data; several minutes on a fresh machine"
 "$venv/bin/pip" install --progress-bar on -r "$req"
 cp "$req" "$stamp"
+parlai
 say "virtualenv ready ($(du -sh "$venv" 2>/dev/null | cut -f1))"

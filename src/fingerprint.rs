@@ -32,7 +32,7 @@ pub(crate) fn encoder_files(dir: &Path, settings: &PolySettings) -> Vec<PathBuf>
         [Some(d.join(CONFIG_FILE)), Some(d.join(WEIGHTS_FILE)), delta.exists().then_some(delta)].into_iter().flatten()
     };
     let mut files: Vec<PathBuf> = weights(dir).collect();
-    files.push(dir.join(TOKENIZER_FILE));
+    files.extend(crate::text::tokenizer_files(dir));
     if !settings.share_encoders {
         files.extend(weights(&dir.join(CANDIDATE_ENCODER_DIR)));
     }

@@ -23,6 +23,8 @@ enum Command {
     Rank(cli::RankArgs),
     /// Write polyrank.json and a freshly initialised poly head next to a BERT checkpoint.
     InitHead(cli::InitHeadArgs),
+    /// Convert a model from another framework into a polyrank model directory.
+    Import(polyrank::offline::import::ImportArgs),
 }
 
 fn main() -> Result<()> {
@@ -40,5 +42,6 @@ fn main() -> Result<()> {
         Command::Train(a) => polyrank::offline::train::train(a).map(|_| ()),
         Command::Rank(a) => cli::rank(a),
         Command::InitHead(a) => cli::init_head(a),
+        Command::Import(a) => polyrank::offline::import::run(a),
     }
 }

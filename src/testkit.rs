@@ -34,6 +34,7 @@ pub fn tiny_config() -> BertConfig {
         type_vocab_size: 2,
         layer_norm_eps: 1e-12,
         model_type: Some("bert".into()),
+        pad_token_id: None,
     }
 }
 

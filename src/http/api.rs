@@ -52,6 +52,9 @@ pub struct RankRequest {
     pub filter: Option<serde_json::Value>,
     #[serde(default)]
     pub return_meta: bool,
+    /// Per result, the context vectors (and their context tokens) its score came from.
+    #[serde(default)]
+    pub explain: bool,
     /// Rank once this replica has applied the store's changes up to this seq.
     #[serde(default, deserialize_with = "present")]
     pub min_seq: Option<u64>,
@@ -65,6 +68,8 @@ pub struct RankResult {
     pub text: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub meta: Option<serde_json::Value>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub explain: Option<Vec<crate::infer::CodeRead>>,
 }
 
 #[derive(Serialize)]
@@ -107,10 +112,11 @@ pub async fn rank(State(state): State<Arc<AppState>>, ApiJson(req): ApiJson<Rank
         filter: req.filter,
         return_text: req.return_text,
         return_meta: req.return_meta,
+        explain: req.explain,
         min_seq: req.min_seq,
     };
     let Ranking(hits) = state.infer.rank(query).await?;
-    let results = hits.into_iter().map(|h| RankResult { id: h.id, score: h.score, text: h.text, meta: h.meta }).collect();
+    let results = hits.into_iter().map(|h| RankResult { id: h.id, score: h.score, text: h.text, meta: h.meta, explain: h.explain }).collect();
     Ok(Json(RankResponse { results, took_ms: started.elapsed().as_secs_f64() * 1e3 }))
 }
 

@@ -7,7 +7,7 @@ use super::guard::guarded;
 use super::messages::{Hit, JobError, Vectors, Written};
 use super::queue::{Ticket, UpsertWork};
 use super::ranker::Ranker;
-use super::read::{inline_hits, vectors, EncodeWork, RankWork, CHUNK_TOKENS};
+use super::read::{explain, inline_hits, vectors, EncodeWork, RankWork, CHUNK_TOKENS};
 use crate::metrics as m;
 use crate::model::scoring::ContextVectors;
 use crate::text::TextKind;
@@ -107,7 +107,14 @@ impl Chunked {
             Then::Rank(t, codes) => {
                 let ranked = guarded(|| ranker.model.rank(&codes, &v, &[t.work.top_k]).swap_remove(0));
                 let inline = t.work.target.inline().expect("a chunked rank has inline candidates");
-                let hits = ranked.map(|r| inline_hits(r, inline, t.work.want));
+                let mut hits = ranked.map(|r| inline_hits(r, inline, t.work.want));
+                if let (true, Ok(hits)) = (t.work.want.explain, hits.as_mut()) {
+                    let rows: Vec<i64> = hits.iter().map(|h| h.id.parse::<i64>().expect("an inline hit's id is its position")).collect();
+                    let picked = v.index_select(0, &Tensor::from_slice(&rows).to_device(v.device()));
+                    if let Err(e) = guarded(|| explain(ranker, &t.work.context, hits, &picked)) {
+                        tracing::warn!("explaining a chunked ranking failed: {e:?}");
+                    }
+                }
                 t.answer(hits);
                 None
             }

@@ -12,6 +12,9 @@ use crate::config::Config;
 use crate::metrics as m;
 use crate::pool::store::Candidate;
 use crate::text::{TextKind, Tokenizer};
+
+/// `explain` answers at most this many results (each carries 3 codes × 5 tokens).
+pub const MAX_EXPLAINED: i64 = 100;
 use anyhow::Result;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -79,7 +82,10 @@ impl Infer {
         if let Some(inline) = target.inline() {
             within_budget(c.max_request_tokens, context.get_ids().len() + cost(&inline.encodings), false)?;
         }
-        let want = Want { text: q.return_text, meta: q.return_meta, budget: c.max_response_bytes };
+        if q.explain && top_k > MAX_EXPLAINED {
+            return Err(InferError::Validation(format!("explain answers at most top_k {MAX_EXPLAINED} results, got top_k {top_k}")));
+        }
+        let want = Want { text: q.return_text, meta: q.return_meta, explain: q.explain, budget: c.max_response_bytes };
         let work = RankWork { context, target, top_k, want };
         let hits: Vec<Hit> = self.run(|t| Job::Read(ReadJob::Rank(t)), work, started).await?;
         Ok(Ranking(hits))

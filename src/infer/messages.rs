@@ -43,6 +43,8 @@ pub struct RankQuery {
     pub filter: Option<serde_json::Value>,
     pub return_text: bool,
     pub return_meta: bool,
+    /// Say, per hit, which context vectors and tokens its score came from.
+    pub explain: bool,
     /// Rank only once this replica has applied the store's changes up to this `seq` (a
     /// write's answer says its `seq`): read your writes on any replica.
     pub min_seq: Option<u64>,
@@ -57,6 +59,28 @@ pub struct Hit {
     pub text: Option<String>,
     /// With `return_meta`, for pool candidates that have meta.
     pub meta: Option<serde_json::Value>,
+    /// With `explain`: the context vectors this candidate attended to most.
+    pub explain: Option<Vec<CodeRead>>,
+}
+
+/// One of the context's m vectors, as a hit used it (`explain`).
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct CodeRead {
+    /// Which vector: code i (token i for `n_first` models; 0 for a bi-encoder's one).
+    pub code: i64,
+    /// The candidate's attention weight on it.
+    pub weight: f32,
+    /// The context tokens it read most, heaviest first.
+    pub tokens: Vec<TokenRead>,
+}
+
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct TokenRead {
+    /// The token as the model's tokenizer wrote it (`##ing`, `[CLS]`, `hel@@`, …).
+    pub token: String,
+    /// Its position in the tokenized (and truncated) context.
+    pub position: usize,
+    pub weight: f32,
 }
 
 /// Best first.

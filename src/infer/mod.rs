@@ -25,5 +25,5 @@ mod writer;
 
 pub use crate::text::TextKind;
 pub use handle::{start, Infer};
-pub use messages::{Hit, InferError, RankQuery, Ranking, Vectors, Written};
+pub use messages::{CodeRead, Hit, InferError, RankQuery, Ranking, TokenRead, Vectors, Written};
 pub use worker::Inference;

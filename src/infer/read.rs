@@ -5,7 +5,7 @@
 //! chunk at a time (`chunked.rs`). No threads, no queue: a test calls `run` directly.
 
 use super::ranker::Ranker;
-use super::messages::{Hit, JobError, Vectors};
+use super::messages::{CodeRead, Hit, JobError, TokenRead, Vectors};
 use crate::metrics as m;
 use crate::model::scoring::ContextVectors;
 use crate::pool::filter::Filter;
@@ -57,7 +57,34 @@ impl Target {
 pub(crate) struct Want {
     pub(crate) text: bool,
     pub(crate) meta: bool,
+    pub(crate) explain: bool,
     pub(crate) budget: usize,
+}
+
+/// An explanation's size: the context vectors a hit used most, and the tokens each read most.
+pub(crate) const EXPLAIN_CODES: usize = 3;
+pub(crate) const EXPLAIN_TOKENS: usize = 5;
+
+/// Fills `hits[i].explain` from the model's attention, `vectors[i]` being hit i's candidate
+/// vector (fp32). One more context encoder pass, only for requests that ask.
+pub(crate) fn explain(ranker: &Ranker, context: &Encoding, hits: &mut [Hit], vectors: &Tensor) {
+    if hits.is_empty() {
+        return;
+    }
+    let batch = crate::text::to_batch(&[context], ranker.model.device);
+    let tokens = context.get_tokens();
+    let uses = ranker.model.explain(&batch, &vectors.to_device(ranker.model.device), EXPLAIN_CODES, EXPLAIN_TOKENS);
+    for (hit, uses) in hits.iter_mut().zip(uses) {
+        hit.explain = Some(
+            uses.into_iter()
+                .map(|u| CodeRead {
+                    code: u.code,
+                    weight: u.weight,
+                    tokens: u.tokens.into_iter().map(|(p, w)| TokenRead { token: tokens[p].clone(), position: p, weight: w }).collect(),
+                })
+                .collect(),
+        );
+    }
 }
 
 pub(crate) struct RankWork {
@@ -222,6 +249,21 @@ pub(crate) fn run(ranker: &Ranker, pool: &LivePool, ranks: &[&RankWork], encodes
             }
         }
     }
+    for (r, out) in ranks.iter().zip(ranks_out.iter_mut()) {
+        if let (true, Some(Outcome::Done(Ok(hits)))) = (r.want.explain, out.as_mut()) {
+            let vectors = match &r.target {
+                Target::Inline(inline) => {
+                    let encodings: Vec<Encoding> = hits.iter().map(|h| inline.encodings[h.id.parse::<usize>().expect("an inline hit's id is its position")].clone()).collect();
+                    ranker.candidate_vectors(&encodings, encode_batch)
+                }
+                _ => {
+                    let rows: Vec<i64> = hits.iter().map(|h| pool.row(&h.id).expect("a hit of this pool") as i64).collect();
+                    vectors_now.select(&Tensor::from_slice(&rows).to_device(vectors_now.device())).exact()
+                }
+            };
+            explain(ranker, &r.context, hits, &vectors);
+        }
+    }
     metrics::histogram!(m::STAGE_SECONDS, "stage" => "score").record(score_start.elapsed().as_secs_f64());
     let ranks = ranks_out.into_iter().map(|o| o.expect("every rank has a context row and an outcome")).collect();
     Answers { ranks, encodes: encodes_out }
@@ -251,7 +293,7 @@ fn pool_hits(pool: &LivePool, ranked: Vec<(i64, f32)>, want: Want) -> Result<Vec
                 if want.text || want.meta { ", or without return_text / return_meta" } else { "" }
             )));
         }
-        hits.push(Hit { id: c.id.clone(), score, text, meta });
+        hits.push(Hit { id: c.id.clone(), score, text, meta, explain: None });
     }
     Ok(hits)
 }
@@ -260,7 +302,7 @@ fn pool_hits(pool: &LivePool, ranked: Vec<(i64, f32)>, want: Want) -> Result<Vec
 pub(crate) fn inline_hits(ranked: Vec<(i64, f32)>, inline: &Inline, want: Want) -> Vec<Hit> {
     ranked
         .into_iter()
-        .map(|(row, score)| Hit { id: row.to_string(), score, text: want.text.then(|| inline.texts[row as usize].clone()), meta: None })
+        .map(|(row, score)| Hit { id: row.to_string(), score, text: want.text.then(|| inline.texts[row as usize].clone()), meta: None, explain: None })
         .collect()
 }
 
@@ -341,7 +383,7 @@ mod tests {
     }
 
     fn want() -> Want {
-        Want { text: true, meta: true, budget: 1 << 20 }
+        Want { text: true, meta: true, explain: false, budget: 1 << 20 }
     }
 
     fn rank(r: &Ranker, context: &str, target: Target, top_k: i64) -> RankWork {

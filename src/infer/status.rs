@@ -15,6 +15,8 @@ pub struct ModelInfo {
     pub mode: Mode,
     pub n_codes: i64,
     pub dim: i64,
+    /// The encoder family: config.json's `model_type` (`bert`, `roberta`, …, `parlai_transformer`).
+    pub encoder: String,
     pub device: String,
     pub dtype: crate::config::Dtype,
     pub trained: bool,
@@ -31,6 +33,7 @@ impl ModelInfo {
             mode: s.mode,
             n_codes: s.context_vectors(),
             dim: ranker.model.dim(),
+            encoder: ranker.model.config.family(),
             device: config.device.clone(),
             dtype: config.dtype,
             trained: s.trained,

@@ -24,7 +24,7 @@ pub struct MultiHead {
 }
 
 impl MultiHead {
-    fn new(p: nn::Path, d: i64, heads: i64) -> Self {
+    pub(crate) fn new(p: nn::Path, d: i64, heads: i64) -> Self {
         MultiHead {
             q_lin: nn::linear(&p / "q_lin", d, d, Default::default()),
             k_lin: nn::linear(&p / "k_lin", d, d, Default::default()),
@@ -64,6 +64,29 @@ impl Attention {
             AttentionKind::Basic => Attention::Basic,
             AttentionKind::Sqrt => Attention::Sqrt,
             AttentionKind::Multihead => Attention::Multihead(MultiHead::new(p, d, spec.heads)),
+        }
+    }
+
+    /// The attention weights `forward` applies, `[B, nq, nk]` (multihead: the mean over heads),
+    /// for explaining a score (`/rank` with `explain`); fp32.
+    pub(crate) fn weights(&self, q: &Tensor, kv: &Tensor, key_mask: &Tensor) -> Tensor {
+        let d = q.size()[2];
+        let blocked = key_mask.logical_not().unsqueeze(1);
+        match self {
+            Attention::Basic | Attention::Sqrt => {
+                let mut logits = q.matmul(&kv.transpose(1, 2));
+                if matches!(self, Attention::Sqrt) {
+                    logits = logits / (d as f64).sqrt();
+                }
+                logits.masked_fill(&blocked, masked_logit(logits.kind())).softmax(-1, Kind::Float)
+            }
+            Attention::Multihead(mh) => {
+                let qh = mh.split(&mh.q_lin.forward(q));
+                let kh = mh.split(&mh.k_lin.forward(kv));
+                let logits = qh.matmul(&kh.transpose(-1, -2)) * mh.scale(d);
+                let logits = logits.masked_fill(&blocked.unsqueeze(1), masked_logit(logits.kind()));
+                logits.softmax(-1, Kind::Float).mean_dim(1, false, Kind::Float)
+            }
         }
     }
 

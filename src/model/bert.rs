@@ -25,6 +25,27 @@ pub struct BertConfig {
     pub layer_norm_eps: f64,
     #[serde(default)]
     pub model_type: Option<String>,
+    /// RoBERTa's padding id: its position ids start after it (see `PositionIds`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pad_token_id: Option<i64>,
+}
+
+/// How position ids are counted. BERT: 0, 1, 2, … RoBERTa and XLM-RoBERTa (HF
+/// `create_position_ids_from_input_ids`): real tokens count from `pad_token_id + 1`, padding
+/// sits at `pad_token_id`, so their checkpoints' position tables are `pad_token_id + 1` longer.
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum PositionIds {
+    FromZero,
+    AfterPadding(i64),
+}
+
+impl BertConfig {
+    fn position_ids(&self) -> PositionIds {
+        match self.model_type.as_deref() {
+            Some("roberta" | "xlm-roberta" | "camembert") => PositionIds::AfterPadding(self.pad_token_id.unwrap_or(1)),
+            _ => PositionIds::FromZero,
+        }
+    }
 }
 
 fn default_type_vocab() -> i64 {
@@ -82,12 +103,25 @@ impl From<Activation> for String {
     }
 }
 
+/// The HF families whose checkpoints are BERT's blocks under BERT's names.
+const FAMILIES: [&str; 4] = ["bert", "roberta", "xlm-roberta", "camembert"];
+
 impl BertConfig {
     pub fn load(dir: &Path) -> Result<Self, FormatError> {
         let path = dir.join(CONFIG_FILE);
         let text = super::format::read_text(&path)?;
-        let c: BertConfig =
-            serde_json::from_str(&text).map_err(|e| FormatError::malformed(&path, e))?;
+        Self::from_value(serde_json::from_str(&text).map_err(|e| FormatError::malformed(&path, e))?, &path)
+    }
+
+    pub(crate) fn from_value(value: serde_json::Value, path: &Path) -> Result<Self, FormatError> {
+        let path = path.to_path_buf();
+        let c: BertConfig = serde_json::from_value(value).map_err(|e| FormatError::malformed(&path, e))?;
+        if let Some(t) = c.model_type.as_deref().filter(|t| !FAMILIES.contains(t)) {
+            return Err(FormatError::malformed(
+                &path,
+                format!("model_type `{t}` is not supported (supported: {}, and parlai_transformer from `polyrank import parlai`)", FAMILIES.join(", ")),
+            ));
+        }
         if c.hidden_size % c.num_attention_heads != 0 {
             return Err(FormatError::malformed(
                 &path,
@@ -108,6 +142,7 @@ struct BertEmbeddings {
     position_embeddings: nn::Embedding,
     token_type_embeddings: nn::Embedding,
     layer_norm: nn::LayerNorm,
+    positions: PositionIds,
 }
 
 impl BertEmbeddings {
@@ -118,11 +153,18 @@ impl BertEmbeddings {
             position_embeddings: nn::embedding(&p / "position_embeddings", c.max_position_embeddings, d, Default::default()),
             token_type_embeddings: nn::embedding(&p / "token_type_embeddings", c.type_vocab_size, d, Default::default()),
             layer_norm: layer_norm(&p / "LayerNorm", d, c.layer_norm_eps),
+            positions: c.position_ids(),
         }
     }
 
-    fn forward(&self, input_ids: &Tensor, token_type_ids: &Tensor) -> Tensor {
-        let position_ids = Tensor::arange(input_ids.size()[1], (Kind::Int64, input_ids.device())).unsqueeze(0);
+    fn forward(&self, input_ids: &Tensor, token_type_ids: &Tensor, mask: &Tensor) -> Tensor {
+        let position_ids = match self.positions {
+            PositionIds::FromZero => Tensor::arange(input_ids.size()[1], (Kind::Int64, input_ids.device())).unsqueeze(0),
+            PositionIds::AfterPadding(pad) => {
+                let mask = mask.to_kind(Kind::Int64);
+                mask.cumsum(1, Kind::Int64) * &mask + pad
+            }
+        };
         let embeddings = self.word_embeddings.forward(input_ids)
             + self.position_embeddings.forward(&position_ids)
             + self.token_type_embeddings.forward(token_type_ids);
@@ -314,7 +356,7 @@ impl Bert {
 
     /// `mask: [B, n]` with 1 for real tokens and 0 for padding.
     pub(crate) fn forward(&self, input_ids: &Tensor, token_type_ids: &Tensor, mask: &Tensor) -> Tensor {
-        let embedding_output = self.embeddings.forward(input_ids, token_type_ids);
+        let embedding_output = self.embeddings.forward(input_ids, token_type_ids, mask);
         let attention_mask = extended_attention_mask(mask, embedding_output.kind());
         self.encoder.forward(embedding_output, &attention_mask)
     }

@@ -73,6 +73,8 @@ fn default_heads() -> i64 {
 pub enum Pooling {
     Mean,
     First,
+    /// Per dimension, the largest output over the real tokens (ParlAI `--reduction-type max`).
+    Max,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

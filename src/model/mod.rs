@@ -2,6 +2,9 @@
 
 pub mod attention;
 pub mod bert;
+pub mod encoder;
+pub mod explain;
+pub mod parlai;
 pub mod int8;
 pub mod lowp;
 pub mod rows;
@@ -12,7 +15,7 @@ pub mod mixed;
 pub(crate) mod init;
 pub(crate) mod weights;
 
-use bert::{Bert, BertConfig};
+use encoder::{Encoder, EncoderConfig};
 use poly::PolyHead;
 use rows::{CandidateRows, Precision};
 use scoring::ContextVectors;
@@ -32,12 +35,12 @@ pub struct Batch {
 
 pub struct PolyEncoder {
     pub settings: PolySettings,
-    pub config: BertConfig,
+    pub config: EncoderConfig,
     pub device: Device,
     pub dir: PathBuf,
-    context_encoder: Bert,
+    context_encoder: Encoder,
     /// None when encoders are shared.
-    candidate_encoder: Option<Bert>,
+    candidate_encoder: Option<Encoder>,
     pub head: PolyHead,
     pub encoder_vs: VarStore,
     pub candidate_vs: Option<VarStore>,
@@ -51,24 +54,24 @@ impl PolyEncoder {
 
     /// With the directory's `polyrank.json` already read (the server reads it once).
     pub fn load_with(dir: &Path, settings: PolySettings, device: Device) -> Result<Self, FormatError> {
-        let config = BertConfig::load(dir)?;
-        let (encoder_vs, context_encoder) = load_bert(dir, &config, device)?;
+        let config = EncoderConfig::load(dir)?;
+        let (encoder_vs, context_encoder) = load_encoder(dir, &config, device)?;
         let (candidate_vs, candidate_encoder) = if settings.share_encoders {
             (None, None)
         } else {
             let cdir = dir.join(CANDIDATE_ENCODER_DIR);
-            let cconfig = BertConfig::load(&cdir)?;
-            if cconfig.hidden_size != config.hidden_size {
+            let cconfig = EncoderConfig::load(&cdir)?;
+            if cconfig.hidden_size() != config.hidden_size() {
                 return Err(FormatError::malformed(
                     &cdir.join(CONFIG_FILE),
                     "candidate encoder hidden_size differs from the context encoder's",
                 ));
             }
-            let (vs, bert) = load_bert(&cdir, &cconfig, device)?;
-            (Some(vs), Some(bert))
+            let (vs, encoder) = load_encoder(&cdir, &cconfig, device)?;
+            (Some(vs), Some(encoder))
         };
         let mut head_vs = VarStore::new(device);
-        let head = PolyHead::new(&head_vs.root(), &settings, config.hidden_size);
+        let head = PolyHead::new(&head_vs.root(), &settings, config.hidden_size());
         let head_path = dir.join(HEAD_FILE);
         if !head_vs.variables().is_empty() || head_path.exists() {
             weights::load_into(&mut head_vs, &head_path)?;
@@ -97,10 +100,10 @@ impl PolyEncoder {
     }
 
     pub fn dim(&self) -> i64 {
-        self.config.hidden_size
+        self.config.hidden_size()
     }
 
-    fn candidate_bert(&self) -> &Bert {
+    fn candidate_encoder_ref(&self) -> &Encoder {
         self.candidate_encoder.as_ref().unwrap_or(&self.context_encoder)
     }
 
@@ -112,7 +115,7 @@ impl PolyEncoder {
 
     /// `[B, d]` pooled candidate vectors.
     pub fn candidate_vectors(&self, batch: &Batch) -> Tensor {
-        let h = self.candidate_bert().forward(&batch.ids, &batch.type_ids, &batch.mask).to_kind(Kind::Float);
+        let h = self.candidate_encoder_ref().forward(&batch.ids, &batch.type_ids, &batch.mask).to_kind(Kind::Float);
         let h = scaled(h, self.settings.output_scaling);
         poly::pool(&h, &batch.mask, self.settings.candidate_pooling, self.settings.normalize)
     }
@@ -198,9 +201,9 @@ fn scaled(h: Tensor, scaling: f64) -> Tensor {
     }
 }
 
-fn load_bert(dir: &Path, config: &BertConfig, device: Device) -> Result<(VarStore, Bert), FormatError> {
+fn load_encoder(dir: &Path, config: &EncoderConfig, device: Device) -> Result<(VarStore, Encoder), FormatError> {
     let mut vs = VarStore::new(device);
-    let bert = Bert::new(vs.root(), config);
+    let encoder = Encoder::new(vs.root(), config);
     weights::load_encoder_into(&mut vs, dir)?;
-    Ok((vs, bert))
+    Ok((vs, encoder))
 }

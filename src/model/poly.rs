@@ -74,6 +74,9 @@ impl PolyHead {
 pub fn pool(h: &Tensor, mask: &Tensor, pooling: Pooling, normalize: bool) -> Tensor {
     let v = match pooling {
         Pooling::First => h.select(1, 0),
+        // Padding masked out, so a candidate's vector does not depend on its batch (ParlAI's
+        // max also sees the zeros at padded positions).
+        Pooling::Max => h.masked_fill(&mask.eq(0).unsqueeze(-1), f64::NEG_INFINITY).amax([1], false),
         Pooling::Mean => {
             let m = mask.to_kind(h.kind()).unsqueeze(-1);
             let sum = (h * &m).sum_dim_intlist(1, false, h.kind());

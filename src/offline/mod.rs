@@ -2,4 +2,5 @@
 
 pub mod cli;
 pub mod eval;
+pub mod import;
 pub mod train;

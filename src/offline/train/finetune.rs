@@ -46,14 +46,16 @@ pub(crate) fn in_batch_loss(model: &PolyEncoder, codes: &ContextVectors, cands: 
 fn select_trainable(vs: &VarStore, layers: usize, total: usize, embeddings: bool) -> Vec<(String, Tensor)> {
     let mut out = Vec::new();
     for (name, t) in vs.variables() {
-        let trains = if name.starts_with("embeddings.") {
-            embeddings
-        } else {
-            // `encoder.layer.{i}.…`: the top `layers` of `total` train.
-            name.strip_prefix("encoder.layer.")
-                .and_then(|r| r.split('.').next())
-                .and_then(|i| i.parse::<usize>().ok())
-                .is_some_and(|i| i + layers >= total)
+        // `encoder.layer.{i}.…` (BERT) or `layers.{i}.…` (ParlAI): the top `layers` of `total`
+        // train; everything else is the embeddings (and ParlAI's `norm_embeddings`).
+        let layer = name
+            .strip_prefix("encoder.layer.")
+            .or_else(|| name.strip_prefix("layers."))
+            .and_then(|r| r.split('.').next())
+            .and_then(|i| i.parse::<usize>().ok());
+        let trains = match layer {
+            Some(i) => i + layers >= total,
+            None => embeddings,
         };
         let t = t.set_requires_grad(trains);
         if trains {
@@ -181,7 +183,7 @@ impl Trainer {
         let mut ranker = Ranker::load(dir, Device::Cpu)?;
         apply_init_std(a, &mut ranker);
         let m = &ranker.model;
-        let total = m.config.num_hidden_layers as usize;
+        let total = m.config.num_layers() as usize;
         let layers = a.train_layers.count(total);
         let embeddings = a.train_embeddings && a.train_layers == TrainLayers::All;
         let mut encoder = select_trainable(&m.encoder_vs, layers, total, embeddings);

@@ -1,5 +1,8 @@
 //! Text → padded id tensors. Contexts keep their latest turns (left truncation); candidates
-//! keep their beginning. The tokenizer.json's own padding/truncation are replaced.
+//! keep their beginning. Two kinds of tokenizer: an HF `tokenizer.json` (its own padding and
+//! truncation replaced), or a ParlAI dictionary (`parlai`, from `polyrank import parlai`).
+
+pub mod parlai;
 
 use crate::model::format::{FormatError, PolySettings, TOKENIZER_FILE};
 pub use crate::model::Batch;
@@ -14,11 +17,26 @@ pub enum TextKind {
     Candidate,
 }
 
-/// The model's tokenizer twice: once configured for contexts, once for candidates.
+/// The files that define a model directory's tokenizer: `tokenizer.json`, or the ParlAI
+/// dictionary's (what the pool cache's key and `train`'s copy of a model must include).
+pub fn tokenizer_files(dir: &Path) -> Vec<std::path::PathBuf> {
+    if dir.join(parlai::SETTINGS_FILE).exists() {
+        [parlai::SETTINGS_FILE, parlai::DICT_FILE, parlai::CODECS_FILE].iter().map(|f| dir.join(f)).filter(|p| p.exists()).collect()
+    } else {
+        vec![dir.join(TOKENIZER_FILE)]
+    }
+}
+
+/// The model's tokenizer, and how turns are joined.
 pub struct Tokenizer {
-    context: HfTokenizer,
-    candidate: HfTokenizer,
+    kind: Vocab,
     delimiter: String,
+}
+
+enum Vocab {
+    /// Configured twice: once for contexts, once for candidates.
+    Hf { context: HfTokenizer, candidate: HfTokenizer },
+    Parlai(parlai::ParlaiText),
 }
 
 fn configured(dir: &Path, max_len: usize, direction: TruncationDirection) -> Result<HfTokenizer, FormatError> {
@@ -38,11 +56,15 @@ fn configured(dir: &Path, max_len: usize, direction: TruncationDirection) -> Res
 
 impl Tokenizer {
     pub fn load(dir: &Path, s: &PolySettings) -> Result<Self, FormatError> {
-        Ok(Tokenizer {
-            context: configured(dir, s.max_context_tokens, TruncationDirection::Left)?,
-            candidate: configured(dir, s.max_candidate_tokens, TruncationDirection::Right)?,
-            delimiter: s.turn_delimiter.clone(),
-        })
+        let kind = if dir.join(parlai::SETTINGS_FILE).exists() {
+            Vocab::Parlai(parlai::ParlaiText::load(dir)?)
+        } else {
+            Vocab::Hf {
+                context: configured(dir, s.max_context_tokens, TruncationDirection::Left)?,
+                candidate: configured(dir, s.max_candidate_tokens, TruncationDirection::Right)?,
+            }
+        };
+        Ok(Tokenizer { kind, delimiter: s.turn_delimiter.clone() })
     }
 
     /// Multi-turn contexts are joined with the model's delimiter, oldest first.
@@ -51,14 +73,14 @@ impl Tokenizer {
     }
 
     pub fn tokenize(&self, texts: &[String], kind: TextKind) -> Result<Vec<Encoding>, String> {
-        let tok = match kind {
-            TextKind::Context => &self.context,
-            TextKind::Candidate => &self.candidate,
-        };
-        texts
-            .iter()
-            .map(|t| tok.encode(t.as_str(), true).map_err(|e| e.to_string()))
-            .collect()
+        match (&self.kind, kind) {
+            (Vocab::Hf { context, candidate }, kind) => {
+                let tok = if kind == TextKind::Context { context } else { candidate };
+                texts.iter().map(|t| tok.encode(t.as_str(), true).map_err(|e| e.to_string())).collect()
+            }
+            (Vocab::Parlai(p), TextKind::Context) => Ok(texts.iter().map(|t| p.context(t)).collect()),
+            (Vocab::Parlai(p), TextKind::Candidate) => Ok(texts.iter().map(|t| p.candidate(t)).collect()),
+        }
     }
 }
 
