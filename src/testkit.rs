@@ -35,6 +35,7 @@ pub fn tiny_config() -> BertConfig {
         layer_norm_eps: 1e-12,
         model_type: Some("bert".into()),
         pad_token_id: None,
+        relative_attention_num_buckets: None,
     }
 }
 

@@ -276,3 +276,78 @@ fn api_key_guards_the_model_routes_and_leaves_probes_info_and_metrics_open() {
     let r = s.client.post(s.url("/rank")).bearer_auth("envkey").json(&body).send().unwrap();
     assert_eq!(r.status().as_u16(), 200);
 }
+
+/// `"explain": true`: each result's heaviest context vectors are those its own attention
+/// weights most, recomputed here from `/encode`'s context vectors y_i and candidate vector c
+/// (basic attention: w_i = softmax_i(c·y_i), score = c·Σ w_i y_i); the tokens are the
+/// context's own; nothing else of the answer moves, and a request without it carries none.
+#[test]
+fn explain_names_the_context_vectors_and_tokens_a_result_read() {
+    let f = fixture(200);
+    let s = Server::start(&f.setup);
+    s.wait_ready();
+    let c = Contract::load();
+    let joined = "do you like music? i like cats and dogs".to_string();
+    let context = json!(joined);
+    let (_, plain) = call(&s, &c, "post", "/rank", Some(&json!({"context": context, "top_k": 8, "return_text": true})));
+    let (st, v) = call(&s, &c, "post", "/rank", Some(&json!({"context": context, "top_k": 8, "return_text": true, "explain": true})));
+    assert_eq!(st, 200, "{v}");
+    assert!(plain["results"][0].get("explain").is_none(), "explain is off by default: {plain}");
+    assert_eq!(ids(&v), ids(&plain));
+    assert_eq!(scores(&v), scores(&plain));
+
+    let (_, ctx) = call(&s, &c, "post", "/encode", Some(&json!({"texts": [joined], "kind": "context"})));
+    let y: Vec<Vec<f64>> = ctx["embeddings"][0].as_array().unwrap().iter().map(|r| r.as_array().unwrap().iter().map(|x| x.as_f64().unwrap()).collect()).collect();
+    let texts: Vec<String> = v["results"].as_array().unwrap().iter().map(|r| r["text"].as_str().unwrap().to_string()).collect();
+    let (_, cands) = call(&s, &c, "post", "/encode", Some(&json!({"texts": texts, "kind": "candidate"})));
+    let words: String = joined.to_lowercase();
+    for (i, result) in v["results"].as_array().unwrap().iter().enumerate() {
+        let cv: Vec<f64> = cands["embeddings"][i].as_array().unwrap().iter().map(|x| x.as_f64().unwrap()).collect();
+        let logits: Vec<f64> = y.iter().map(|yi| yi.iter().zip(&cv).map(|(a, b)| a * b).sum()).collect();
+        let max = logits.iter().cloned().fold(f64::MIN, f64::max);
+        let z: f64 = logits.iter().map(|l| (l - max).exp()).sum();
+        let w: Vec<f64> = logits.iter().map(|l| (l - max).exp() / z).collect();
+        let score: f64 = w.iter().zip(&logits).map(|(a, b)| a * b).sum();
+        let mut order: Vec<usize> = (0..w.len()).collect();
+        order.sort_by(|&a, &b| w[b].total_cmp(&w[a]));
+
+        let ex = result["explain"].as_array().unwrap_or_else(|| panic!("no explain: {result}"));
+        assert_eq!(ex.len(), 3, "{result}");
+        // The recomputation is the served model's: its score is the served score.
+        let served = result["score"].as_f64().unwrap();
+        assert!((served - score).abs() <= 1e-4 * score.abs().max(1.0), "recomputed score {score}, served {served}");
+        for (rank, code) in ex.iter().enumerate() {
+            let k = code["code"].as_u64().unwrap() as usize;
+            let weight = code["weight"].as_f64().unwrap();
+            assert!((weight - w[k]).abs() < 1e-4, "code {k}: served weight {weight}, recomputed {}", w[k]);
+            assert!((w[order[rank]] - weight).abs() < 1e-4, "rank {rank} should weigh {} (code {}), got code {k} at {weight}", w[order[rank]], order[rank]);
+            let tokens = code["tokens"].as_array().unwrap();
+            assert!(!tokens.is_empty() && tokens.len() <= 5, "{code}");
+            let tw: Vec<f64> = tokens.iter().map(|t| t["weight"].as_f64().unwrap()).collect();
+            assert!(tw.windows(2).all(|p| p[0] >= p[1]) && tw.iter().sum::<f64>() <= 1.0 + 1e-4, "token weights {tw:?}");
+            for t in tokens {
+                let tok = t["token"].as_str().unwrap();
+                let bare = tok.trim_start_matches("##");
+                assert!(tok.starts_with('[') || words.contains(bare), "token {tok:?} is not from the context {joined:?}");
+            }
+        }
+    }
+
+    // The same texts given inline explain alike (their vectors are encoded per request).
+    let (st, inline) = call(&s, &c, "post", "/rank", Some(&json!({"context": context, "candidates": texts[..3], "explain": true})));
+    assert_eq!(st, 200, "{inline}");
+    for r in inline["results"].as_array().unwrap() {
+        let pos: usize = r["id"].as_str().unwrap().parse().unwrap();
+        let a = &r["explain"];
+        let b = &v["results"][pos]["explain"];
+        for (x, y) in a.as_array().unwrap().iter().zip(b.as_array().unwrap()) {
+            assert_eq!(x["code"], y["code"]);
+            assert!((x["weight"].as_f64().unwrap() - y["weight"].as_f64().unwrap()).abs() < 1e-4);
+        }
+    }
+
+    // Bounded: more than 100 explained results is refused with a reason.
+    let (st, e) = call(&s, &c, "post", "/rank", Some(&json!({"context": "hi", "top_k": 101, "explain": true})));
+    assert_eq!((st, e["error_type"].as_str()), (422, Some("validation")), "{e}");
+    assert!(e["error"].as_str().unwrap().contains("explain"), "{e}");
+}

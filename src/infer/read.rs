@@ -79,8 +79,9 @@ pub(crate) fn explain(ranker: &Ranker, context: &Encoding, hits: &mut [Hit], vec
             uses.into_iter()
                 .map(|u| CodeRead {
                     code: u.code,
-                    weight: u.weight,
-                    tokens: u.tokens.into_iter().map(|(p, w)| TokenRead { token: tokens[p].clone(), position: p, weight: w }).collect(),
+                    // Softmax weights; a rounding step past 1 would break the documented range.
+                    weight: u.weight.clamp(0.0, 1.0),
+                    tokens: u.tokens.into_iter().map(|(p, w)| TokenRead { token: tokens[p].clone(), position: p, weight: w.clamp(0.0, 1.0) }).collect(),
                 })
                 .collect(),
         );

@@ -2,6 +2,12 @@
 //! nothing here reads it). Variables carry their checkpoint names
 //! (`embeddings.word_embeddings.weight`, `encoder.layer.3.attention.self.query.weight`, …),
 //! so HF weights load as they are.
+//!
+//! The HF families most sentence-transformers models use are these same blocks:
+//! RoBERTa / XLM-RoBERTa / CamemBERT differ only in their position ids; DistilBERT has no
+//! token types and other names (`config.json` keys and tensor names mapped in `family.rs`);
+//! MPNet has no token types, RoBERTa's position ids and a relative position bias added to
+//! every layer's attention scores (`RelativePositionBias`).
 
 use super::format::{FormatError, CONFIG_FILE};
 use super::mixed::linear;
@@ -28,6 +34,9 @@ pub struct BertConfig {
     /// RoBERTa's padding id: its position ids start after it (see `PositionIds`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub pad_token_id: Option<i64>,
+    /// MPNet's relative position buckets (the rows of `encoder.relative_attention_bias`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub relative_attention_num_buckets: Option<i64>,
 }
 
 /// How position ids are counted. BERT: 0, 1, 2, … RoBERTa and XLM-RoBERTa (HF
@@ -43,6 +52,8 @@ impl BertConfig {
     fn position_ids(&self) -> PositionIds {
         match self.model_type.as_deref() {
             Some("roberta" | "xlm-roberta" | "camembert") => PositionIds::AfterPadding(self.pad_token_id.unwrap_or(1)),
+            // HF's MPNet embeddings fix their padding index at 1, whatever the config says.
+            Some("mpnet") => PositionIds::AfterPadding(1),
             _ => PositionIds::FromZero,
         }
     }
@@ -103,8 +114,8 @@ impl From<Activation> for String {
     }
 }
 
-/// The HF families whose checkpoints are BERT's blocks under BERT's names.
-const FAMILIES: [&str; 4] = ["bert", "roberta", "xlm-roberta", "camembert"];
+/// The HF families whose checkpoints are BERT's blocks (see the module's comment).
+pub(crate) const FAMILIES: [&str; 6] = ["bert", "roberta", "xlm-roberta", "camembert", "distilbert", "mpnet"];
 
 impl BertConfig {
     pub fn load(dir: &Path) -> Result<Self, FormatError> {
@@ -115,6 +126,7 @@ impl BertConfig {
 
     pub(crate) fn from_value(value: serde_json::Value, path: &Path) -> Result<Self, FormatError> {
         let path = path.to_path_buf();
+        let value = super::family::bert_config_keys(value);
         let c: BertConfig = serde_json::from_value(value).map_err(|e| FormatError::malformed(&path, e))?;
         if let Some(t) = c.model_type.as_deref().filter(|t| !FAMILIES.contains(t)) {
             return Err(FormatError::malformed(
@@ -140,7 +152,8 @@ fn layer_norm(p: nn::Path, d: i64, eps: f64) -> nn::LayerNorm {
 struct BertEmbeddings {
     word_embeddings: nn::Embedding,
     position_embeddings: nn::Embedding,
-    token_type_embeddings: nn::Embedding,
+    /// None where the family has no token types (`type_vocab_size` 0: DistilBERT, MPNet).
+    token_type_embeddings: Option<nn::Embedding>,
     layer_norm: nn::LayerNorm,
     positions: PositionIds,
 }
@@ -151,7 +164,8 @@ impl BertEmbeddings {
         BertEmbeddings {
             word_embeddings: nn::embedding(&p / "word_embeddings", c.vocab_size, d, Default::default()),
             position_embeddings: nn::embedding(&p / "position_embeddings", c.max_position_embeddings, d, Default::default()),
-            token_type_embeddings: nn::embedding(&p / "token_type_embeddings", c.type_vocab_size, d, Default::default()),
+            token_type_embeddings: (c.type_vocab_size > 0)
+                .then(|| nn::embedding(&p / "token_type_embeddings", c.type_vocab_size, d, Default::default())),
             layer_norm: layer_norm(&p / "LayerNorm", d, c.layer_norm_eps),
             positions: c.position_ids(),
         }
@@ -165,9 +179,10 @@ impl BertEmbeddings {
                 mask.cumsum(1, Kind::Int64) * &mask + pad
             }
         };
-        let embeddings = self.word_embeddings.forward(input_ids)
-            + self.position_embeddings.forward(&position_ids)
-            + self.token_type_embeddings.forward(token_type_ids);
+        let mut embeddings = self.word_embeddings.forward(input_ids) + self.position_embeddings.forward(&position_ids);
+        if let Some(types) = &self.token_type_embeddings {
+            embeddings += types.forward(token_type_ids);
+        }
         self.layer_norm.forward(&embeddings)
     }
 }
@@ -314,19 +329,67 @@ impl BertLayer {
     }
 }
 
+/// MPNet's `relative_attention_bias`: a learned `[heads]` bias per bucket of the distance
+/// between key and query, the same for every layer (HF `MPNetEncoder.compute_position_bias`).
+#[derive(Debug)]
+struct RelativePositionBias {
+    relative_attention_bias: nn::Embedding,
+}
+
+impl RelativePositionBias {
+    /// HF buckets with 32 whatever the config's bucket count, and distances up to 128.
+    const NUM_BUCKETS: i64 = 32;
+    const MAX_DISTANCE: f64 = 128.0;
+
+    fn new(p: &nn::Path, buckets: i64, heads: i64) -> Self {
+        RelativePositionBias { relative_attention_bias: nn::embedding(p / "relative_attention_bias", buckets, heads, Default::default()) }
+    }
+
+    /// `relative_position = key − query`: half the buckets per direction; within a direction,
+    /// exact distances below a quarter of the buckets, then log-spaced up to `MAX_DISTANCE`.
+    fn bucket(relative_position: &Tensor) -> Tensor {
+        let half = Self::NUM_BUCKETS / 2;
+        let n = -relative_position;
+        let ret = n.lt(0).to_kind(Kind::Int64) * half;
+        let n = n.abs();
+        let max_exact = half / 2;
+        let large = ((n.to_kind(Kind::Float) / max_exact as f64).log() / (Self::MAX_DISTANCE / max_exact as f64).ln()
+            * (half - max_exact) as f64)
+            .to_kind(Kind::Int64)
+            + max_exact;
+        let large = large.clamp_max(half - 1);
+        ret + n.where_self(&n.lt(max_exact), &large)
+    }
+
+    /// `[1, heads, n, n]`, added to the attention scores of every layer.
+    fn forward(&self, n: i64, device: tch::Device) -> Tensor {
+        let pos = Tensor::arange(n, (Kind::Int64, device));
+        let relative = pos.unsqueeze(0) - pos.unsqueeze(1);
+        self.relative_attention_bias.forward(&Self::bucket(&relative)).permute([2, 0, 1]).unsqueeze(0)
+    }
+}
+
 #[derive(Debug)]
 struct BertEncoder {
     layer: Vec<BertLayer>,
+    /// MPNet only.
+    position_bias: Option<RelativePositionBias>,
 }
 
 impl BertEncoder {
     fn new(p: nn::Path, c: &BertConfig) -> Self {
         let layer = (0..c.num_hidden_layers).map(|i| BertLayer::new(&p / "layer" / i, c)).collect();
-        BertEncoder { layer }
+        let position_bias = c.relative_attention_num_buckets.map(|b| RelativePositionBias::new(&p, b, c.num_attention_heads));
+        BertEncoder { layer, position_bias }
     }
 
+    /// `attention_mask: [B, 1, 1, n]` additive; a position bias joins it as `[B, heads, n, n]`.
     fn forward(&self, hidden_states: Tensor, attention_mask: &Tensor) -> Tensor {
-        self.layer.iter().fold(hidden_states, |h, layer| layer.forward(&h, attention_mask))
+        let mask = match &self.position_bias {
+            Some(bias) => attention_mask + bias.forward(hidden_states.size()[1], hidden_states.device()).to_kind(attention_mask.kind()),
+            None => attention_mask.shallow_clone(),
+        };
+        self.layer.iter().fold(hidden_states, |h, layer| layer.forward(&h, &mask))
     }
 }
 

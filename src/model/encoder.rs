@@ -1,5 +1,6 @@
 //! The encoder families a model directory may hold, chosen by config.json's `model_type`:
-//! HF BERT (and RoBERTa / XLM-RoBERTa, which differ only in their position ids) or ParlAI's
+//! HF BERT and the families built of its blocks (RoBERTa, XLM-RoBERTa, CamemBERT,
+//! DistilBERT, MPNet: `bert.rs`, `family.rs`) or ParlAI's
 //! transformer (written by `polyrank import parlai`). Everything above the encoder (pooling,
 //! output scaling, the poly head, scoring) is the same for all.
 
@@ -40,6 +41,15 @@ impl EncoderConfig {
         match self {
             EncoderConfig::Bert(c) => c.num_hidden_layers,
             EncoderConfig::Parlai(c) => c.n_layers,
+        }
+    }
+
+    /// A checkpoint tensor's name → the encoder's variable name, where they differ
+    /// (DistilBERT and MPNet: BERT's blocks under other names, `family.rs`).
+    pub(crate) fn var_name(&self, name: &str) -> Option<String> {
+        match self {
+            EncoderConfig::Bert(c) => super::family::bert_name(c.model_type.as_deref(), name),
+            EncoderConfig::Parlai(_) => None,
         }
     }
 

@@ -181,13 +181,18 @@ pub fn approximate(codes: &ContextVectors, rows: &CandidateRows, t: f32, ks: &[i
                 let rel = 3.0 * 2f32.powi(-8) + 4.0 * 2f32.powi(-16) + d as f32 * 2f32.powi(-24);
                 let logits = part.matmul(keys).to_kind(Kind::Float).contiguous();
                 let logits = host_f32(&logits);
+                // |c| from the bf16 row itself (c = low + r, |r| ≤ 2⁻⁸|c|, so |c| ≤ |low| /
+                // (1 − 2⁻⁸) < 1.004 |low|): a pass of d per row beside the GEMM's 2·m·d, and
+                // no stored bound, so a bf16 row costs what an fp32 one does.
+                let norms = (part.to_kind(Kind::Float).norm_scalaropt_dim(2.0, [1], false) * 1.004).contiguous();
+                let norms = host_f32(&norms);
                 for ctx in 0..b as usize {
                     let rows = Block { logits: &logits, stride: (b * m) as usize, first: ctx * m as usize, active: &k.active[ctx] };
                     let yb = k.bound[ctx];
                     let o = &mut out[ctx];
                     rows.fold(
                         |_| 1.0,
-                        |j| row_bound[range.start + j] * yb * rel * 1.01,
+                        |j| norms[j] * yb * rel * 1.01,
                         t,
                         &mut floors[ctx],
                         &mut o.score[range.clone()],
@@ -203,6 +208,9 @@ pub fn approximate(codes: &ContextVectors, rows: &CandidateRows, t: f32, ks: &[i
 /// A contiguous fp32 CPU tensor's data, borrowed (copying 1 MB per slice cost ~5 ms at 100k).
 fn host_f32(t: &Tensor) -> &[f32] {
     assert!(t.kind() == Kind::Float && t.is_contiguous() && t.device() == tch::Device::Cpu);
+    if t.numel() == 0 {
+        return &[]; // an empty tensor's data_ptr may be null, which a slice must never be
+    }
     // SAFETY: a contiguous fp32 CPU tensor holds numel() f32s at data_ptr(); the slice
     // borrows `t`, which keeps the storage alive and is not written while it is borrowed.
     unsafe { std::slice::from_raw_parts(t.data_ptr() as *const f32, t.numel()) }

@@ -3,6 +3,7 @@
 pub mod attention;
 pub mod bert;
 pub mod encoder;
+pub mod family;
 pub mod explain;
 pub mod parlai;
 pub mod int8;
@@ -204,6 +205,6 @@ fn scaled(h: Tensor, scaling: f64) -> Tensor {
 fn load_encoder(dir: &Path, config: &EncoderConfig, device: Device) -> Result<(VarStore, Encoder), FormatError> {
     let mut vs = VarStore::new(device);
     let encoder = Encoder::new(vs.root(), config);
-    weights::load_encoder_into(&mut vs, dir)?;
+    weights::load_encoder_into(&mut vs, dir, &|name| config.var_name(name))?;
     Ok((vs, encoder))
 }

@@ -5,12 +5,14 @@
 //! - int8: `q = round(c / s)` with one scale `s = max|c| / 127` per row, kept as
 //!   `low = q + 128` (uint8, what the int8 GEMM reads), `residual = c / s − q` in fp16,
 //!   `bound = Σ|q|` (the int8 error bound needs it);
-//! - bf16: `low = bf16(c)`, `s = 1`, `residual = c − low` in fp16, `bound = |c|₂`.
+//! - bf16: `low = bf16(c)`, `residual = c − low` in fp16; no scale (it would be 1) and no
+//!   stored bound: the scorer takes `|low|₂` per slice as it goes (`lowp::approximate`),
+//!   which keeps a bf16 row at fp32's size.
 //!
 //! The exact vector is rebuilt as `s · (low + residual)`: within `s · 2⁻¹²` (int8; about
 //! `max|c| · 2⁻¹⁹`) or `|c| · 2⁻²⁰` (bf16) of the encoder's fp32 output, so a re-scored
 //! candidate gets the fp32 score to about 1e-6 relative. Bytes per candidate at d = 384:
-//! int8 1,160 (384 + 768 + 8), bf16 1,544, fp32 1,536, fp16 768.
+//! int8 1,160 (384 + 768 + 8), bf16 1,536 (768 + 768), fp32 1,536, fp16 768.
 
 use serde::{Deserialize, Serialize};
 use tch::{Device, Kind, Tensor};
@@ -39,7 +41,8 @@ impl Precision {
 #[derive(Debug)]
 pub struct CandidateRows {
     precision: Precision,
-    /// Float32: `[matrix]`; low precision: `[low, residual, scale, bound]`.
+    /// Float32: `[matrix]`; low precision: `[low, residual, scale, bound]` (bf16's scale and
+    /// bound are `[n, 0]`: zero bytes a row, and row operations still treat every part alike).
     parts: Vec<Tensor>,
 }
 
@@ -115,11 +118,8 @@ impl CandidateRows {
             Precision::Bfloat16 => {
                 let low = v.to_kind(Kind::BFloat16);
                 let residual = (&v - low.to_kind(Kind::Float)).to_kind(Kind::Half);
-                let n = v.size()[0];
-                let scale = Tensor::ones([n], (Kind::Float, v.device()));
-                let rebuilt = low.to_kind(Kind::Float) + residual.to_kind(Kind::Float);
-                let bound = rebuilt.norm_scalaropt_dim(2.0, [1], false);
-                vec![low, residual, scale, bound]
+                let none = Tensor::zeros([v.size()[0], 0], (Kind::Float, v.device()));
+                vec![low, residual, none.shallow_clone(), none]
             }
         };
         CandidateRows { precision, parts }
@@ -220,7 +220,7 @@ impl CandidateRows {
         (self.precision == Precision::Float32).then(|| &self.parts[0])
     }
 
-    /// `(low, scale, bound)` of a low-precision layout.
+    /// `(low, scale, bound)` of a low-precision layout (bf16: scale and bound `[n, 0]`).
     pub fn low(&self) -> Option<(&Tensor, &Tensor, &Tensor)> {
         (self.precision != Precision::Float32).then(|| (&self.parts[LOW], &self.parts[SCALE], &self.parts[BOUND]))
     }
@@ -244,7 +244,7 @@ mod tests {
         let bf16 = CandidateRows::encode(&v, Precision::Bfloat16, Kind::Float);
         assert!(max_abs(&bf16.exact(), &v) <= amax * 2f64.powi(-19), "bf16 rebuild error {}", max_abs(&bf16.exact(), &v));
         assert_eq!(int8.bytes_per_row(), 48 + 96 + 8);
-        assert_eq!(bf16.bytes_per_row(), 96 + 96 + 8);
+        assert_eq!(bf16.bytes_per_row(), 96 + 96);
         assert_eq!(CandidateRows::encode(&v, Precision::Float32, Kind::Half).bytes_per_row(), 96);
     }
 

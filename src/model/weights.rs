@@ -12,8 +12,22 @@ use std::collections::HashMap;
 use std::path::Path;
 use tch::{nn::VarStore, Kind, Tensor};
 
-/// Prefixes some exporters put in front of the BERT tensor names (`bert.embeddings...`).
-const KNOWN_PREFIXES: [&str; 2] = ["bert.", "model."];
+/// Prefixes a task model puts in front of its encoder's tensor names (`bert.embeddings...`
+/// in `BertForMaskedLM`, `roberta.` / `distilbert.` / `mpnet.` likewise).
+const KNOWN_PREFIXES: [&str; 5] = ["bert.", "model.", "roberta.", "distilbert.", "mpnet."];
+
+/// A checkpoint tensor's name → the variable it fills, where they differ (None: the same).
+pub(crate) type Rename<'a> = &'a dyn Fn(&str) -> Option<String>;
+
+/// The encoder's names: task-model prefixes cut, then the family's names mapped.
+fn canonical(mut tensors: HashMap<String, Tensor>, rename: Rename) -> HashMap<String, Tensor> {
+    for prefix in KNOWN_PREFIXES {
+        if tensors.keys().any(|k| k.starts_with(prefix)) {
+            tensors = tensors.into_iter().map(|(k, v)| (k.strip_prefix(prefix).map(str::to_string).unwrap_or(k), v)).collect();
+        }
+    }
+    tensors.into_iter().map(|(k, v)| (rename(&k).unwrap_or(k), v)).collect()
+}
 
 pub(crate) fn read_tensors(path: &Path) -> Result<HashMap<String, Tensor>, FormatError> {
     super::format::require_file(path)?;
@@ -22,10 +36,10 @@ pub(crate) fn read_tensors(path: &Path) -> Result<HashMap<String, Tensor>, Forma
     Ok(tensors.into_iter().collect())
 }
 
-/// An encoder directory's weights: `model.safetensors`, with `model.delta.safetensors` added
-/// when present (in f32).
-pub(crate) fn read_encoder(dir: &Path) -> Result<HashMap<String, Tensor>, FormatError> {
-    let mut tensors = read_tensors(&dir.join(WEIGHTS_FILE))?;
+/// An encoder directory's weights under the encoder's names: `model.safetensors`, with
+/// `model.delta.safetensors` (in the encoder's names) added when present (in f32).
+pub(crate) fn read_encoder(dir: &Path, rename: Rename) -> Result<HashMap<String, Tensor>, FormatError> {
+    let mut tensors = canonical(read_tensors(&dir.join(WEIGHTS_FILE))?, rename);
     let delta_path = dir.join(WEIGHTS_DELTA_FILE);
     if !delta_path.exists() {
         return Ok(tensors);
@@ -55,13 +69,14 @@ pub(crate) fn read_encoder(dir: &Path) -> Result<HashMap<String, Tensor>, Format
 }
 
 /// Fills `vs` from an encoder directory (base and delta, see the module's comment).
-pub(crate) fn load_encoder_into(vs: &mut VarStore, dir: &Path) -> Result<(), FormatError> {
-    fill(vs, read_encoder(dir)?, &dir.join(WEIGHTS_FILE))
+pub(crate) fn load_encoder_into(vs: &mut VarStore, dir: &Path, rename: Rename) -> Result<(), FormatError> {
+    fill(vs, read_encoder(dir, rename)?, &dir.join(WEIGHTS_FILE))
 }
 
-/// Writes an encoder directory's weights as one plain checkpoint (base and delta added).
-pub(crate) fn materialize(dir: &Path, dst: &Path) -> anyhow::Result<()> {
-    let mut tensors: Vec<(String, Tensor)> = read_encoder(dir)?.into_iter().collect();
+/// Writes an encoder directory's weights as one plain checkpoint (base and delta added), under
+/// the encoder's names.
+pub(crate) fn materialize(dir: &Path, dst: &Path, rename: Rename) -> anyhow::Result<()> {
+    let mut tensors: Vec<(String, Tensor)> = read_encoder(dir, rename)?.into_iter().collect();
     tensors.sort_by(|a, b| a.0.cmp(&b.0));
     Tensor::write_safetensors(&tensors, dst)?;
     Ok(())
@@ -73,15 +88,7 @@ pub(crate) fn load_into(vs: &mut VarStore, path: &Path) -> Result<(), FormatErro
     fill(vs, read_tensors(path)?, path)
 }
 
-fn fill(vs: &mut VarStore, mut tensors: HashMap<String, Tensor>, path: &Path) -> Result<(), FormatError> {
-    for prefix in KNOWN_PREFIXES {
-        if tensors.keys().any(|k| k.starts_with(prefix)) {
-            tensors = tensors
-                .into_iter()
-                .map(|(k, v)| (k.strip_prefix(prefix).map(str::to_string).unwrap_or(k), v))
-                .collect();
-        }
-    }
+fn fill(vs: &mut VarStore, tensors: HashMap<String, Tensor>, path: &Path) -> Result<(), FormatError> {
     let _guard = tch::no_grad_guard();
     // Sorted so the first missing tensor reported is the same on every run.
     let mut vars: Vec<(String, Tensor)> = vs.variables().into_iter().collect();

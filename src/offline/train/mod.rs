@@ -293,7 +293,10 @@ fn prepare_out(a: &TrainArgs, copy_encoder: bool) -> Result<PolySettings> {
                     std::os::unix::fs::symlink(src.canonicalize()?, &dst).with_context(|| format!("linking {}", dst.display()))?
                 }
                 // Checkpoints are written whole: a base's delta is added into the weights file.
-                (true, WEIGHTS_FILE) => crate::model::weights::materialize(&from, &dst).with_context(|| format!("writing {}", dst.display()))?,
+                (true, WEIGHTS_FILE) => {
+                    let config = crate::model::encoder::EncoderConfig::load(&from)?;
+                    crate::model::weights::materialize(&from, &dst, &|n| config.var_name(n)).with_context(|| format!("writing {}", dst.display()))?
+                }
                 (true, WEIGHTS_DELTA_FILE) => {}
                 (true, _) => {
                     std::fs::copy(&src, &dst).with_context(|| format!("copying {}", src.display()))?;
