@@ -88,8 +88,12 @@ eval-table: build model data
 	bash scripts/eval_table.sh
 
 # The README's performance section (bench/results.md, bench/latency.png).
+# BASELINE_REV=REV also builds that revision (scripts/build-baseline.sh) and measures it in
+# the same run, beside every scoring precision and the Python service.
+BASELINE_REV ?=
 bench: venv model
-	cargo bench --bench serve
+	$(if $(BASELINE_REV),bash scripts/build-baseline.sh $(BASELINE_REV))
+	cargo bench --bench serve -- $(if $(BASELINE_REV),--baseline-bin target/baseline/release/polyrank --baseline-config target/baseline/default.toml)
 
 # The shared store's figures (README, "Several replicas"): replication lag, write throughput,
 # The scoring stage in float32, int8 and bf16 on the same rows (bench/precision.md).

@@ -4,6 +4,13 @@
 //!
 //! Options (after `--`): `--sizes 1000,10000,100000,1000000`, `--seconds 6` per measurement,
 //! `--out bench/` for results.md, results.json and latency.png.
+//!
+//! The scoring-precision axis (`--precision-sizes`, default the sizes among 10k, 100k, 1M):
+//! at each of those sizes the server again in float32, int8 and bfloat16 (`auto` is the main
+//! table's server), 1 client p50 and 32-client throughput, beside the Python service's figures
+//! from the same run and, with `--baseline-bin PATH [--baseline-config FILE]`, an older
+//! build's (`make bench BASELINE_REV=…` builds one). A precision over 3× float32's p50 at one
+//! size is not timed at the larger ones (bf16 where the CPU has no native bf16).
 //! Pools are random unit vectors (their texts are placeholders), written straight into the
 //! server's cache file format so every size starts from a warm cache.
 
@@ -27,17 +34,26 @@ struct Opts {
     sizes: Vec<usize>,
     seconds: f64,
     out: PathBuf,
+    precision_sizes: Vec<usize>,
+    baseline_bin: Option<PathBuf>,
+    baseline_config: Option<PathBuf>,
 }
 
 fn opts() -> Opts {
     let args: Vec<String> = std::env::args().collect();
     let get = |k: &str| args.iter().position(|a| a == k).and_then(|i| args.get(i + 1)).cloned();
+    let sizes: Vec<usize> = get("--sizes")
+        .map(|s| s.split(',').map(|x| x.parse().expect("--sizes")).collect())
+        .unwrap_or_else(|| vec![1_000, 10_000, 100_000, 1_000_000]);
     Opts {
-        sizes: get("--sizes")
-            .map(|s| s.split(',').map(|x| x.parse().expect("--sizes")).collect())
-            .unwrap_or_else(|| vec![1_000, 10_000, 100_000, 1_000_000]),
+        precision_sizes: get("--precision-sizes")
+            .map(|s| s.split(',').map(|x| x.parse().expect("--precision-sizes")).collect())
+            .unwrap_or_else(|| sizes.iter().copied().filter(|n| [10_000, 100_000, 1_000_000].contains(n)).collect()),
+        sizes,
         seconds: get("--seconds").map(|s| s.parse().expect("--seconds")).unwrap_or(6.0),
         out: PathBuf::from(get("--out").unwrap_or_else(|| "bench".into())),
+        baseline_bin: get("--baseline-bin").filter(|s| !s.is_empty()).map(PathBuf::from),
+        baseline_config: get("--baseline-config").filter(|s| !s.is_empty()).map(PathBuf::from),
     }
 }
 
@@ -87,6 +103,52 @@ fn python_server(model: &Path, cache: &Path, ids: &Path, port: u16) -> Python {
     Python(child)
 }
 
+/// The CPU's model name and the flags that decide the scoring precision.
+fn cpu() -> String {
+    let info = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
+    let model = info.lines().find_map(|l| l.strip_prefix("model name").map(|r| r.trim_start_matches([' ', '\t', ':']).to_string())).unwrap_or_else(|| "unknown CPU".into());
+    let flags: Vec<&str> = info
+        .lines()
+        .find_map(|l| l.strip_prefix("flags"))
+        .map(|r| r.split_whitespace().filter(|f| ["avx2", "fma", "avx512f", "avx512_vnni", "avx_vnni", "avx512_bf16", "amx_bf16", "amx_int8"].contains(f)).collect())
+        .unwrap_or_default();
+    format!("{model} (flags: {})", flags.join(" "))
+}
+
+/// `/info`'s `scoring` once the server has measured and converted its pool (it serves in
+/// float32 until then: ~5 s after ready at 1M); Null for a build without it, after `wait_s`.
+fn settle(s: &Server, wait_s: u64) -> Value {
+    let t0 = Instant::now();
+    loop {
+        let info: Value = serde_json::from_str(&s.get("/info").1).unwrap_or_default();
+        if info.get("scoring").is_some() || t0.elapsed() > Duration::from_secs(wait_s) {
+            return info["scoring"].clone();
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// 1-client p50 and 32-client throughput of one server, once its scoring has settled.
+fn measure(setup: &Setup, seconds: f64) -> (Load, Load, Value) {
+    let s = Server::start(setup);
+    s.wait_ready();
+    let scoring = settle(&s, if setup.bin.is_some() { 5 } else { 120 });
+    let url = s.url("/rank");
+    let _ = load(&url, 1, 1.0, rank_body);
+    let one = load(&url, 1, seconds, rank_body);
+    let many = load(&url, 32, seconds, rank_body);
+    (one, many, scoring)
+}
+
+fn precision_row(n: usize, name: &str, one: &Load, many: &Load, fp32: Option<(&Load, &Load)>) -> String {
+    let ratio = |a: f64, b: f64| if b > 0.0 { format!("{:.2}×", a / b) } else { "n/a".into() };
+    let (r50, rrps) = match fp32 {
+        Some((f1, fm)) => (ratio(one.p50_ms, f1.p50_ms), ratio(many.rps, fm.rps)),
+        None => ("—".into(), "—".into()),
+    };
+    format!("| {n} | {name} | {:.1} | {r50} | {:.1} | {rrps} |\n", one.p50_ms, many.rps)
+}
+
 fn main() {
     let o = opts();
     std::fs::create_dir_all(&o.out).unwrap();
@@ -133,13 +195,18 @@ fn main() {
     let mut rows: Vec<Value> = Vec::new();
     let mut md = String::new();
     md += &format!(
-        "Machine: {cores} cores, CPU. sgemm at the scoring shape: **{gflops:.1} GFLOP/s**; one context encoding: **{encode_ms:.2} ms**; m = {m}, d = {d}.\n\n"
+        "Machine: {cores} cores, {}. sgemm at the scoring shape: **{gflops:.1} GFLOP/s**; one context encoding: **{encode_ms:.2} ms**; m = {m}, d = {d}.\n\n",
+        cpu()
     );
     md += "| pool N | clients | polyrank p50 / p95 / p99 ms | polyrank req/s | Python p50 / p95 / p99 ms | Python req/s | throughput ratio | p50 ratio |\n|---|---|---|---|---|---|---|---|\n";
     let mut bound_line = String::new();
     let mut ready_100k = None;
     let mut batching_md = String::new();
     let mut approx_md = String::new();
+    let mut precision_md = String::new();
+    let mut precision_rows: Vec<Value> = Vec::new();
+    // Precisions over 3× float32's p50 at a smaller size, not timed again.
+    let mut too_slow: Vec<&str> = Vec::new();
     for &n in &o.sizes {
         let (pool, cache, ids) = synthetic_pool(dir.path(), &model, n, d);
         // A store of its own per size; its first start seeds it from the pool cache, so the
@@ -158,6 +225,7 @@ fn main() {
         if n == 100_000 {
             ready_100k = Some(ready_s);
         }
+        let auto_scoring = settle(&s, 120);
         let url = s.url("/rank");
         let _ = load(&url, 1, 1.0, rank_body); // warm-up
         let ours: Vec<Load> = [1, 8, 32].iter().map(|&c| load(&url, c, o.seconds, rank_body)).collect();
@@ -199,6 +267,45 @@ fn main() {
         let _ = load(&purl, 1, 1.0, rank_body);
         let theirs: Vec<Load> = [1, 8, 32].iter().map(|&c| load(&purl, c, o.seconds, rank_body)).collect();
         drop(py);
+        if o.precision_sizes.contains(&n) {
+            // The same pool and store in each scoring precision; `auto` is the server above.
+            let mut fp32: Option<(Load, Load)> = None;
+            let mut rows = String::new();
+            for p in ["float32", "int8", "bfloat16"] {
+                if too_slow.contains(&p) {
+                    rows += &format!("| {n} | {p} | not timed (over 3× float32 at a smaller pool) | | | |\n");
+                    continue;
+                }
+                let (one, many, _) = measure(&setup.clone().arg("--scoring-precision", p), o.seconds);
+                if let Some((f1, _)) = &fp32 {
+                    if one.p50_ms > 3.0 * f1.p50_ms {
+                        too_slow.push(p);
+                    }
+                }
+                rows += &precision_row(n, p, &one, &many, fp32.as_ref().map(|(a, b)| (a, b)));
+                precision_rows.push(json!({"n": n, "precision": p, "one": one, "many": many}));
+                if p == "float32" {
+                    fp32 = Some((one, many));
+                }
+            }
+            let f = fp32.as_ref().map(|(a, b)| (a, b));
+            let chosen = auto_scoring["precision"].as_str().unwrap_or("?").to_string();
+            rows += &precision_row(n, &format!("**auto** (→ {chosen})"), &ours[0], &ours[2], f);
+            precision_rows.push(json!({"n": n, "precision": "auto", "chosen": chosen, "reason": auto_scoring["reason"], "one": ours[0], "many": ours[2]}));
+            if let Some(bin) = &o.baseline_bin {
+                let store = dir.path().join(format!("store-baseline-{n}"));
+                let mut b = Setup::new(&model, &pool, &dir.path().join("cache")).binary(bin).env("POLYRANK_STORE_DIR", store.to_str().unwrap());
+                if let Some(c) = &o.baseline_config {
+                    b = b.arg("--config", c.to_str().unwrap());
+                }
+                let (one, many, _) = measure(&b, o.seconds);
+                rows += &precision_row(n, "baseline build", &one, &many, f);
+                precision_rows.push(json!({"n": n, "precision": "baseline", "one": one, "many": many}));
+            }
+            rows += &precision_row(n, "Python (PyTorch eager, fp32)", &theirs[0], &theirs[2], f);
+            precision_md += &rows;
+            eprint!("{rows}");
+        }
         for (i, c) in [1, 8, 32].iter().enumerate() {
             let (a, b) = (ours[i], theirs[i]);
             let cell = |l: &Load| match l.requests {
@@ -245,6 +352,12 @@ fn main() {
         "\nApproximate mode (`\"approximate\": true`, 2,000 candidates preselected by the mean of the codes, then scored exactly), 1 client; recall@10 against the exact top 10 over 20 contexts (random-vector pools):\n\n| pool N | exact p50 ms | approximate p50 ms | speed-up | recall@10 |\n|---|---|---|---|---|\n{approx_md}"
     );
     md += &filter_md;
+    if !precision_md.is_empty() {
+        md += &format!(
+            "\nScoring precision, {}: /rank p50 at 1 client and req/s at 32 clients, each against float32 in the same run (lower p50 and higher req/s are better); `auto` is the server of the main table.\n\n| pool N | precision | p50 ms | p50 vs float32 | req/s (32 clients) | req/s vs float32 |\n|---|---|---|---|---|---|\n{precision_md}",
+            cpu()
+        );
+    }
     md += &format!(
         "\n/encode, 16 candidate texts per request, 8 clients: **{:.0} texts/s** (p50 {:.1} ms).\n",
         enc.rps * 16.0,
@@ -257,7 +370,7 @@ fn main() {
     );
     println!("{md}");
     std::fs::write(o.out.join("results.md"), &md).unwrap();
-    let all = json!({"sgemm_gflops": gflops, "encode_ms": encode_ms, "rank": rows, "fp16_max_err": fp16_err, "ready_100k_s": ready_100k});
+    let all = json!({"cpu": cpu(), "sgemm_gflops": gflops, "encode_ms": encode_ms, "rank": rows, "precision": precision_rows, "fp16_max_err": fp16_err, "ready_100k_s": ready_100k});
     std::fs::write(o.out.join("results.json"), serde_json::to_string_pretty(&all).unwrap()).unwrap();
     let py = std::env::var("POLYRANK_PYTHON").unwrap_or_else(|_| root().join(".venv/bin/python").display().to_string());
     let ok = Command::new(py).arg(root().join("scripts/plot_bench.py")).arg(o.out.join("results.json")).arg(o.out.join("latency.png")).status();

@@ -1,9 +1,10 @@
 """ParlAI 1.7.2 as the reference for `polyrank import parlai` (tests/parlai_parity.rs).
 
 Builds ParlAI dictionaries (subword-nmt BPE and `re`) from real texts, tiny random-weight
-poly-encoders in several variants saved with ParlAI's own `agent.save`, and writes what ParlAI
-computes: token ids, context codes, candidate vectors, scores, and the top-10 its own agent
-returns over a fixed candidate file (`--eval-candidates fixed --encode-candidate-vecs true`).
+poly-encoders and bi-encoders in several variants saved with ParlAI's own `agent.save`, and
+writes what ParlAI computes: token ids, context codes (a bi-encoder's one context vector),
+candidate vectors, scores, and the top-10 its own agent returns over a fixed candidate file
+(`--eval-candidates fixed --encode-candidate-vecs true`).
 
     python scripts/parlai_reference.py SPEC.json OUT_DIR
 
@@ -22,6 +23,7 @@ import warnings
 
 warnings.filterwarnings("ignore")
 import torch  # noqa: E402
+from parlai.agents.transformer.biencoder import BiencoderAgent  # noqa: E402
 from parlai.agents.transformer.polyencoder import PolyencoderAgent  # noqa: E402
 from parlai.core.agents import create_agent_from_model_file  # noqa: E402
 from parlai.core.dict import DictionaryAgent  # noqa: E402
@@ -47,20 +49,38 @@ VARIANTS = {
         "--embeddings-scale", "False", "--activation", "gelu", "--reduction-type", "max",
         "--polyencoder-type", "n_first", "--poly-n-codes", "5",
         "--poly-attention-type", "multihead", "--poly-attention-num-heads", "2"]),
-    "xlm_sqrt_codes_multihead_cands": dict(dict="bpe", args=[
+    "xlm_sqrt_codes_multihead_cands": dict(dict="bytelevel", args=[
         "--variant", "xlm", "--learn-positional-embeddings", "True", "--n-segments", "0",
         "--embeddings-scale", "True", "--activation", "relu", "--output-scaling", "0.5",
         "--reduction-type", "mean", "--polyencoder-type", "codes", "--poly-n-codes", "4",
         "--codes-attention-type", "sqrt", "--poly-attention-type", "multihead",
         "--poly-attention-num-heads", "4"]),
+    # transformer/biencoder: shared encoders put ParlAI's response wrapper (Linear-ReLU-Linear)
+    # on the candidate side; separate ones may have their own word embeddings.
+    "biencoder_shared_first": dict(dict="bpe", model="transformer/biencoder", args=[
+        "--variant", "xlm", "--learn-positional-embeddings", "True", "--n-segments", "2",
+        "--embeddings-scale", "False", "--activation", "gelu", "--output-scaling", "0.5",
+        "--reduction-type", "first", "--share-encoders", "True"]),
+    "biencoder_separate_mean": dict(dict="bytelevel_noprefix", model="transformer/biencoder", args=[
+        "--variant", "aiayn", "--learn-positional-embeddings", "False", "--n-segments", "0",
+        "--embeddings-scale", "True", "--activation", "relu", "--reduction-type", "mean",
+        "--share-encoders", "False", "--share-word-embeddings", "False"]),
 }
+AGENTS = {"transformer/polyencoder": PolyencoderAgent, "transformer/biencoder": BiencoderAgent}
 
 DICTS = {
     "bpe_start_end": ["--dict-tokenizer", "bpe", "--dict-lower", "True", "--dict-endtoken", "__start__",
                       "--dict-maxtokens", "3000"],
     "bpe": ["--dict-tokenizer", "bpe", "--dict-lower", "True", "--dict-maxtokens", "2000"],
     "re": ["--dict-tokenizer", "re", "--dict-lower", "False", "--dict-maxtokens", "4000"],
+    # HF byte-level BPE; its vocab/merges are trained on the same texts first ({bbpe}).
+    "bytelevel": ["--dict-tokenizer", "bytelevelbpe", "--bpe-vocab", "{bbpe}-vocab.json",
+                  "--bpe-merge", "{bbpe}-merges.txt"],
+    "bytelevel_noprefix": ["--dict-tokenizer", "bytelevelbpe", "--bpe-vocab", "{bbpe}-vocab.json",
+                           "--bpe-merge", "{bbpe}-merges.txt", "--bpe-add-prefix-space", "False",
+                           "--dict-lower", "True"],
 }
+DICT_FILES = ("", ".codecs", "-vocab.json", "-merges.txt")
 
 TINY = ["--n-layers", "2", "--n-heads", "2", "--embedding-size", "16", "--ffn-size", "32",
         "--n-positions", "64", "--text-truncate", "40", "--label-truncate", "24",
@@ -68,9 +88,9 @@ TINY = ["--n-layers", "2", "--n-heads", "2", "--embedding-size", "16", "--ffn-si
         "--no-cuda"]
 
 
-def parse(args):
+def parse(args, agent=PolyencoderAgent):
     pp = ParlaiParser(True, True)
-    PolyencoderAgent.add_cmdline_args(pp, partial_opt=None)
+    agent.add_cmdline_args(pp, partial_opt=None)
     return pp.parse_args(args)
 
 
@@ -119,6 +139,14 @@ def main(spec_path, out):
     spec = json.load(open(spec_path))
     os.makedirs(out, exist_ok=True)
     texts = real_texts(spec["n_texts"], spec.get("spc_csv"))
+    # A byte-level BPE vocabulary of the texts, as a user brings one (`--bpe-vocab`).
+    from tokenizers import ByteLevelBPETokenizer
+
+    bbpe = ByteLevelBPETokenizer()
+    bbpe.train_from_iterator(texts, vocab_size=1500, min_frequency=2, show_progress=False)
+    bbpe.save_model(out, "bbpe")
+    for name, args in DICTS.items():
+        DICTS[name] = [a.replace("{bbpe}", os.path.join(out, "bbpe")) for a in args]
     dict_paths = {}
     for name in DICTS:
         path = os.path.join(out, f"dict-{name}", "model.dict")
@@ -139,13 +167,14 @@ def main(spec_path, out):
         os.makedirs(vdir, exist_ok=True)
         model_file = os.path.join(vdir, "model")
         src_dict = dict_paths[v["dict"]]
-        for suffix in ("", ".codecs"):
+        for suffix in DICT_FILES:
             if os.path.exists(src_dict + suffix):
                 with open(src_dict + suffix, "rb") as s, open(model_file + ".dict" + suffix, "wb") as t:
                     t.write(s.read())
-        opt = parse(["--model", "transformer/polyencoder", "--model-file", model_file,
-                     "--dict-file", model_file + ".dict"] + DICTS[v["dict"]] + TINY + v["args"])
-        agent = PolyencoderAgent(opt)
+        kind = v.get("model", "transformer/polyencoder")
+        opt = parse(["--model", kind, "--model-file", model_file,
+                     "--dict-file", model_file + ".dict"] + DICTS[v["dict"]] + TINY + v["args"], AGENTS[kind])
+        agent = AGENTS[kind](opt)
         # Every parameter random (LayerNorm and biases too), so no mapping passes by identity.
         with torch.no_grad():
             for p in agent.model.parameters():
@@ -163,14 +192,23 @@ def main(spec_path, out):
             obs = agent._set_text_vec(Message({"text": turns[-1]}), agent.history, agent.text_truncate)
             ctx_vecs.append(obs["text_vec"].tolist())
         cand_vecs = [c.tolist() for c in agent.vectorize_fixed_candidates(spec["candidates"], add_start=True, add_end=True)]
+        b = len(ctx_vecs)
         with torch.no_grad():
-            ctxt_rep, ctxt_mask, _ = model(ctxt_tokens=pad(ctx_vecs, null))
-            # One candidate at a time: vectors that do not depend on a batch's padding (ParlAI's
-            # max and prelayernorm+mean reductions see the padding; polyrank's do not).
-            cand_rep = torch.cat([model(cand_tokens=torch.as_tensor([[c]]))[2][0] for c in cand_vecs], 0)
-            b = len(ctx_vecs)
-            scores = model(ctxt_rep=ctxt_rep, ctxt_rep_mask=ctxt_mask,
-                           cand_rep=cand_rep.unsqueeze(0).expand(b, -1, -1).contiguous())
+            if kind == "transformer/polyencoder":
+                ctxt_rep, ctxt_mask, _ = model(ctxt_tokens=pad(ctx_vecs, null))
+                # One candidate at a time: vectors that do not depend on a batch's padding
+                # (ParlAI's max and prelayernorm+mean reductions see the padding; polyrank's
+                # do not).
+                cand_rep = torch.cat([model(cand_tokens=torch.as_tensor([[c]]))[2][0] for c in cand_vecs], 0)
+                scores = model(ctxt_rep=ctxt_rep, ctxt_rep_mask=ctxt_mask,
+                               cand_rep=cand_rep.unsqueeze(0).expand(b, -1, -1).contiguous())
+            else:
+                # TransformerMemNetModel without memories, as the agent scores fixed candidates:
+                # the context encoder's vector against `encode_cand`'s, by dot product.
+                context_h, _ = model(xs=pad(ctx_vecs, null), mems=None, cands=None)
+                cand_rep = torch.cat([model.encode_cand(torch.as_tensor([c])) for c in cand_vecs], 0)
+                scores = agent._score(context_h, cand_rep)
+                ctxt_rep, ctxt_mask = context_h.unsqueeze(1), torch.ones(b, 1, dtype=torch.bool)
         ref = {"context_ids": ctx_vecs, "candidate_ids": cand_vecs,
                "ctxt_rep": ctxt_rep.tolist(), "ctxt_mask": ctxt_mask.int().tolist(),
                "cand_rep": cand_rep.tolist(), "scores": scores.tolist()}

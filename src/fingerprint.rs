@@ -33,6 +33,10 @@ pub(crate) fn encoder_files(dir: &Path, settings: &PolySettings) -> Vec<PathBuf>
     };
     let mut files: Vec<PathBuf> = weights(dir).collect();
     files.extend(crate::text::tokenizer_files(dir));
+    let mlp = dir.join(CANDIDATE_MLP_FILE);
+    if mlp.exists() {
+        files.push(mlp);
+    }
     if !settings.share_encoders {
         files.extend(weights(&dir.join(CANDIDATE_ENCODER_DIR)));
     }

@@ -1,7 +1,8 @@
 //! `polyrank import parlai` against ParlAI 1.7.2 itself (scripts/parlai_reference.py, run here
 //! from the project venv with ParlAI on PYTHONPATH): ParlAI builds BPE and `re` dictionaries
-//! from real text and tiny random-weight poly-encoders in four variants, saves them with its
-//! own code, and says what they compute. polyrank imports each model file with its CLI and
+//! from real text and tiny random-weight poly-encoders in four variants and bi-encoders in two
+//! (shared encoders with ParlAI's candidate MLP; separate encoders and word embeddings), saves
+//! them with its own code, and says what they compute. polyrank imports each model file with its CLI and
 //! must give the same token ids, context codes, candidate vectors and scores (1e-4), the same
 //! ranking, and, served over HTTP, the same top-10 as ParlAI's own fixed-candidate ranking.
 
@@ -15,7 +16,14 @@ use std::process::Command;
 use std::sync::OnceLock;
 use tch::{Device, Kind, Tensor};
 
-const VARIANTS: [&str; 4] = ["paper", "aiayn_first_multihead", "prelayernorm_nfirst_max", "xlm_sqrt_codes_multihead_cands"];
+const VARIANTS: [&str; 6] = [
+    "paper",
+    "aiayn_first_multihead",
+    "prelayernorm_nfirst_max",
+    "xlm_sqrt_codes_multihead_cands",
+    "biencoder_shared_first",
+    "biencoder_separate_mean",
+];
 
 struct Reference {
     _dir: tempfile::TempDir,
@@ -123,7 +131,13 @@ fn max_diff(a: &Tensor, b: &Tensor) -> f64 {
 fn parlai_dictionaries_and_polyrank_give_identical_ids_on_real_text() {
     let r = reference();
     // The variant whose dictionary each tokenizer was built with.
-    for (dict, variant) in [("bpe_start_end", "paper"), ("bpe", "aiayn_first_multihead"), ("re", "prelayernorm_nfirst_max")] {
+    for (dict, variant) in [
+        ("bpe_start_end", "paper"),
+        ("bpe", "aiayn_first_multihead"),
+        ("re", "prelayernorm_nfirst_max"),
+        ("bytelevel", "xlm_sqrt_codes_multihead_cands"),
+        ("bytelevel_noprefix", "biencoder_separate_mean"),
+    ] {
         let expected = load_json(&r.root.join(format!("tokens-{dict}.json")));
         let texts: Vec<String> = serde_json::from_value(expected["texts"].clone()).unwrap();
         assert!(texts.len() >= 10_000, "{} texts", texts.len());
@@ -150,7 +164,8 @@ fn imported_models_compute_what_parlai_computes() {
     for v in VARIANTS {
         let reference = load_json(&r.root.join(v).join("reference.json"));
         let ranker = Ranker::load(&r.root.join(v).join("polyrank"), Device::Cpu).unwrap();
-        let joined: Vec<String> = contexts.iter().map(|t| t.join("\n")).collect();
+        // Turns as the server gets them: each tokenized alone, as ParlAI's history does.
+        let joined: Vec<String> = contexts.iter().map(|t| ranker.text.join_turns(t)).collect();
         let ctx_enc = ranker.tokenize(&joined, TextKind::Context).unwrap();
         let cand_enc = ranker.tokenize(&candidates, TextKind::Candidate).unwrap();
         let got_ctx: Vec<Vec<u32>> = ctx_enc.iter().map(|e| e.get_ids().to_vec()).collect();
@@ -189,15 +204,15 @@ fn a_served_import_ranks_like_parlais_own_fixed_candidate_agent() {
     let pool = dir.path().join("pool.txt");
     std::fs::write(&pool, candidates.join("\n") + "\n").unwrap();
     // Mean and first pooling: ParlAI's batched candidate encoding equals the unpadded one.
-    for v in ["paper", "aiayn_first_multihead"] {
+    for v in ["paper", "aiayn_first_multihead", "xlm_sqrt_codes_multihead_cands", "biencoder_shared_first", "biencoder_separate_mean"] {
         let reference = load_json(&r.root.join(v).join("reference.json"));
         let setup = common::server::Setup::new(&r.root.join(v).join("polyrank"), &pool, &dir.path().join(format!("cache-{v}")))
             .arg("--scoring-precision", "float32");
         let server = common::server::Server::start(&setup);
         server.wait_ready();
         for (i, text) in fixed.iter().enumerate() {
-            let turns: Vec<&str> = text.split('\n').collect();
-            let (status, body) = server.post("/rank", &json!({"context": turns, "top_k": 10, "return_text": true}));
+            // One message, as ParlAI's agent observed it (its `\n` inside the one turn).
+            let (status, body) = server.post("/rank", &json!({"context": text, "top_k": 10, "return_text": true}));
             assert_eq!(status, 200, "{body}");
             let got: Vec<&str> = body["results"].as_array().unwrap().iter().map(|h| h["text"].as_str().unwrap()).collect();
             let want: Vec<&str> = reference["fixed_top10"][i].as_array().unwrap().iter().map(|t| t.as_str().unwrap()).collect();
@@ -214,7 +229,7 @@ fn options_polyrank_cannot_serve_are_refused_by_name() {
     let src = r.root.join("paper");
     let cases = [
         ("variant", json!("bart")),
-        ("dict_tokenizer", json!("bytelevelbpe")),
+        ("dict_tokenizer", json!("gpt2")),
         ("model", json!("transformer/crossencoder")),
         ("reduction_type", json!("none")),
         ("person_tokens", json!(true)),
@@ -230,6 +245,19 @@ fn options_polyrank_cannot_serve_are_refused_by_name() {
         std::fs::write(dir.path().join("model.opt"), opt.to_string()).unwrap();
         let err = import(&dir.path().join("model"), &dir.path().join("out")).expect_err(key);
         assert!(err.contains(&format!("`{key}`")) && err.contains(&value.to_string().trim_matches('"').to_string()), "{key}: {err}");
+    }
+    // Bi-encoder options with no one ParlAI answer to reproduce.
+    let src = r.root.join("biencoder_shared_first");
+    for (key, value) in [("normalize_sent_emb", json!(true)), ("use_memories", json!(true))] {
+        let dir = tempfile::tempdir().unwrap();
+        for f in ["model", "model.dict", "model.dict.codecs"] {
+            std::fs::copy(src.join(f), dir.path().join(f)).unwrap();
+        }
+        let mut opt = load_json(&src.join("model.opt"));
+        opt[key] = value.clone();
+        std::fs::write(dir.path().join("model.opt"), opt.to_string()).unwrap();
+        let err = import(&dir.path().join("model"), &dir.path().join("out")).expect_err(key);
+        assert!(err.contains(&format!("`{key}`")), "{key}: {err}");
     }
     // A file that is not a ParlAI model at all.
     let dir = tempfile::tempdir().unwrap();

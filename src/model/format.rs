@@ -14,6 +14,9 @@ pub const WEIGHTS_DELTA_FILE: &str = "model.delta.safetensors";
 pub const TOKENIZER_FILE: &str = "tokenizer.json";
 /// With `share_encoders: false` the candidate encoder's checkpoint lives in this sub-directory.
 pub const CANDIDATE_ENCODER_DIR: &str = "candidate_encoder";
+/// Optional: a Linear–ReLU–Linear on each pooled candidate vector (ParlAI bi-encoders with
+/// shared encoders; `poly::CandidateMlp`). Part of the encoder side: the pool cache hashes it.
+pub const CANDIDATE_MLP_FILE: &str = "candidate_mlp.safetensors";
 
 #[derive(Debug, thiserror::Error)]
 pub enum FormatError {

@@ -43,6 +43,8 @@ pub struct PolyEncoder {
     /// None when encoders are shared.
     candidate_encoder: Option<Encoder>,
     pub head: PolyHead,
+    /// `candidate_mlp.safetensors` when the directory has one (ParlAI bi-encoders).
+    candidate_mlp: Option<(VarStore, poly::CandidateMlp)>,
     pub encoder_vs: VarStore,
     pub candidate_vs: Option<VarStore>,
     pub head_vs: VarStore,
@@ -77,6 +79,15 @@ impl PolyEncoder {
         if !head_vs.variables().is_empty() || head_path.exists() {
             weights::load_into(&mut head_vs, &head_path)?;
         }
+        let mlp_path = dir.join(CANDIDATE_MLP_FILE);
+        let candidate_mlp = if mlp_path.exists() {
+            let mut vs = VarStore::new(device);
+            let mlp = poly::CandidateMlp::new(&vs.root(), config.hidden_size());
+            weights::load_into(&mut vs, &mlp_path)?;
+            Some((vs, mlp))
+        } else {
+            None
+        };
         Ok(PolyEncoder {
             settings,
             config,
@@ -85,6 +96,7 @@ impl PolyEncoder {
             context_encoder,
             candidate_encoder,
             head,
+            candidate_mlp,
             encoder_vs,
             candidate_vs,
             head_vs,
@@ -118,7 +130,15 @@ impl PolyEncoder {
     pub fn candidate_vectors(&self, batch: &Batch) -> Tensor {
         let h = self.candidate_encoder_ref().forward(&batch.ids, &batch.type_ids, &batch.mask).to_kind(Kind::Float);
         let h = scaled(h, self.settings.output_scaling);
-        poly::pool(&h, &batch.mask, self.settings.candidate_pooling, self.settings.normalize)
+        let Some((_, mlp)) = &self.candidate_mlp else {
+            return poly::pool(&h, &batch.mask, self.settings.candidate_pooling, self.settings.normalize);
+        };
+        let v = mlp.forward(&poly::pool(&h, &batch.mask, self.settings.candidate_pooling, false));
+        if self.settings.normalize {
+            poly::normalized(v)
+        } else {
+            v
+        }
     }
 
     /// The m vectors (1 in bi mode) each candidate attends over.

@@ -70,6 +70,34 @@ impl PolyHead {
     }
 }
 
+/// ParlAI's `TransformerResponseWrapper`: a bi-encoder whose two sides share one transformer
+/// reads candidates through this Linear → ReLU → Linear on the pooled vector (names `mlp.0.*`,
+/// `mlp.2.*` as in ParlAI's state dict, `cand_encoder.mlp.*`).
+#[derive(Debug)]
+pub struct CandidateMlp {
+    first: nn::Linear,
+    second: nn::Linear,
+}
+
+impl CandidateMlp {
+    pub fn new(p: &nn::Path, d: i64) -> Self {
+        let p = p / "mlp";
+        CandidateMlp { first: nn::linear(&p / "0", d, d, Default::default()), second: nn::linear(&p / "2", d, d, Default::default()) }
+    }
+
+    /// `[B, d]` pooled → `[B, d]`.
+    pub fn forward(&self, v: &Tensor) -> Tensor {
+        use tch::nn::Module;
+        self.second.forward(&self.first.forward(v).relu())
+    }
+}
+
+/// L2-normalises the rows of `[B, d]`.
+pub fn normalized(v: Tensor) -> Tensor {
+    let norm = v.norm_scalaropt_dim(2.0, [-1], true).clamp_min(1e-12);
+    v / norm
+}
+
 /// Pools token outputs `[B, n, d]` into `[B, d]`.
 pub fn pool(h: &Tensor, mask: &Tensor, pooling: Pooling, normalize: bool) -> Tensor {
     let v = match pooling {
@@ -84,8 +112,7 @@ pub fn pool(h: &Tensor, mask: &Tensor, pooling: Pooling, normalize: bool) -> Ten
         }
     };
     if normalize {
-        let norm = v.norm_scalaropt_dim(2.0, [-1], true).clamp_min(1e-12);
-        v / norm
+        normalized(v)
     } else {
         v
     }

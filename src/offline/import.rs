@@ -1,21 +1,23 @@
-//! `polyrank import parlai --model-file F`: a ParlAI `transformer/polyencoder` model file (`F`,
-//! `F.opt`, `F.dict`, `F.dict.codecs`) turned into a polyrank model directory that `serve`,
-//! `eval` and `train` load unchanged:
+//! `polyrank import parlai --model-file F`: a ParlAI `transformer/polyencoder` or
+//! `transformer/biencoder` model file (`F`, `F.opt`, `F.dict`, `F.dict.codecs`) turned into a
+//! polyrank model directory that `serve`, `eval` and `train` load unchanged:
 //!
 //! | ParlAI | polyrank directory |
 //! |---|---|
 //! | `F.opt` encoder options | `config.json`, `candidate_encoder/config.json` (`model_type: parlai_transformer`) |
-//! | `encoder_ctxt.*`, `encoder_cand.*` | `model.safetensors`, `candidate_encoder/model.safetensors` (prefix dropped) |
-//! | `codes`, `code_attention.*`, `attention.*` | `poly_head.safetensors` (`attention.*` → `candidate_attention.*`) |
-//! | poly options, truncation, delimiter | `polyrank.json` |
-//! | `F.dict`, `F.dict.codecs`, dictionary options | `parlai.dict`, `parlai.dict.codecs`, `parlai_tokenizer.json` |
+//! | poly-encoder `encoder_ctxt.*`, `encoder_cand.*` | `model.safetensors`, `candidate_encoder/model.safetensors` (prefix dropped) |
+//! | poly-encoder `codes`, `code_attention.*`, `attention.*` | `poly_head.safetensors` (`attention.*` → `candidate_attention.*`) |
+//! | bi-encoder `context_encoder.*`, `cand_encoder.*` (separate encoders) | `model.safetensors`, `candidate_encoder/model.safetensors` |
+//! | bi-encoder `cand_encoder.mlp.*` (shared encoders: ParlAI's response wrapper) | `candidate_mlp.safetensors` (`mlp.*`) |
+//! | poly options, truncation, delimiter | `polyrank.json` (a bi-encoder: `mode: bi`) |
+//! | `F.dict`, `F.dict.codecs` (bpe) or `F.dict-vocab.json` + `F.dict-merges.txt` (bytelevelbpe), dictionary options | `parlai.dict`, `parlai.dict.codecs` or `parlai.dict-vocab.json` + `parlai.dict-merges.txt`, `parlai_tokenizer.json` |
 //!
 //! Every option the conversion cannot honour is refused by name rather than imported into a
 //! model that would answer differently from ParlAI.
 
 use crate::model::format::*;
 use crate::model::parlai::{FfnActivation, ParlaiConfig, Variant, MODEL_TYPE};
-use crate::text::parlai::{ParlaiTextSettings, Split, CODECS_FILE, DICT_FILE};
+use crate::text::parlai::{ParlaiTextSettings, Split, CODECS_FILE, DICT_FILE, MERGES_FILE, VOCAB_FILE};
 use anyhow::{anyhow, bail, Context, Result};
 use clap::{Args, Subcommand};
 use serde_json::Value;
@@ -31,7 +33,8 @@ pub struct ImportArgs {
 
 #[derive(Subcommand)]
 pub enum Source {
-    /// A ParlAI transformer/polyencoder model file (with its .opt, .dict and .dict.codecs).
+    /// A ParlAI transformer/polyencoder or transformer/biencoder model file (with its .opt,
+    /// .dict and .dict.codecs).
     Parlai(ParlaiArgs),
 }
 
@@ -110,11 +113,25 @@ fn attention(opt: &Opt, kind_key: &str, heads_key: &str) -> Result<AttentionSpec
     Ok(AttentionSpec { kind, heads: opt.int_or(heads_key, 4) })
 }
 
+const POLY: &str = "transformer/polyencoder";
+const BI: &str = "transformer/biencoder";
+
 /// Options that change tokens or history in ways polyrank does not reproduce.
 fn refuse_unsupported(opt: &Opt) -> Result<()> {
     let model = opt.str_or("model", "");
-    if model != "transformer/polyencoder" {
-        return Err(unsupported("model", &model, "transformer/polyencoder"));
+    if model != POLY && model != BI {
+        return Err(unsupported("model", &model, "transformer/polyencoder, transformer/biencoder"));
+    }
+    if model == BI {
+        // Fixed candidates are scored without memories.
+        if opt.bool_or("use_memories", false) {
+            return Err(unsupported("use_memories", true, "false"));
+        }
+        // ParlAI normalizes both sides in training but only the context when it scores
+        // fixed candidates it encoded beforehand: no one answer to reproduce.
+        if opt.bool_or("normalize_sent_emb", false) {
+            return Err(unsupported("normalize_sent_emb", true, "false"));
+        }
     }
     for (key, default) in [("person_tokens", false), ("history_reversed", false), ("split_lines", false)] {
         if opt.bool_or(key, default) {
@@ -175,7 +192,8 @@ fn text_settings(opt: &Opt, n_positions: usize) -> Result<ParlaiTextSettings> {
     let tokenizer = match opt.str_or("dict_tokenizer", "re").as_str() {
         "bpe" => Split::Bpe,
         "re" => Split::Re,
-        other => return Err(unsupported("dict_tokenizer", other, "bpe, re")),
+        "bytelevelbpe" => Split::ByteLevelBpe,
+        other => return Err(unsupported("dict_tokenizer", other, "bpe, bytelevelbpe, re")),
     };
     // Where ParlAI would not truncate, the encoder's positions still end: cut there.
     let text_truncate = opt.truncate("text_truncate").unwrap_or(n_positions.saturating_sub(2)).min(n_positions.saturating_sub(2));
@@ -189,6 +207,9 @@ fn text_settings(opt: &Opt, n_positions: usize) -> Result<ParlaiTextSettings> {
         unk_token: opt.str_or("dict_unktoken", "__unk__"),
         text_truncate: Some(text_truncate),
         label_truncate: Some(label_truncate),
+        // ParlAI reads a missing or null option as true.
+        bpe_add_prefix_space: opt.get("bpe_add_prefix_space").and_then(Value::as_bool).unwrap_or(true),
+        history_size: Some(opt.int_or("history_size", -1)).filter(|&n| n > 0).map(|n| n as usize),
     })
 }
 
@@ -204,16 +225,18 @@ fn poly_settings(opt: &Opt, text: &ParlaiTextSettings, model_file: &Path, config
         "max" => Pooling::Max,
         other => return Err(unsupported("reduction_type", other, "mean, first, max")),
     };
+    let bi = opt.str_or("model", "") == BI;
     let s = PolySettings {
-        mode: Mode::Poly,
-        n_codes: opt.int_or("poly_n_codes", 64),
+        mode: if bi { Mode::Bi } else { Mode::Poly },
+        n_codes: if bi { 1 } else { opt.int_or("poly_n_codes", 64) },
         poly_type,
         codes_attention: attention(opt, "codes_attention_type", "codes_attention_num_heads")?,
         candidate_attention: attention(opt, "poly_attention_type", "poly_attention_num_heads")?,
         candidate_pooling,
-        context_pooling: Pooling::Mean,
+        // The bi-encoder reduces both sides alike; the poly-encoder's context is its codes.
+        context_pooling: if bi { candidate_pooling } else { Pooling::Mean },
         // PolyEncoderModule always builds two encoders (`--share-encoders` is the bi-encoder's).
-        share_encoders: false,
+        share_encoders: bi && opt.bool_or("share_encoders", true),
         max_context_tokens: text.text_truncate.unwrap_or(0) + 2,
         max_candidate_tokens: text.label_truncate.unwrap_or(0),
         turn_delimiter: opt.str_or("delimiter", "\n"),
@@ -221,12 +244,13 @@ fn poly_settings(opt: &Opt, text: &ParlaiTextSettings, model_file: &Path, config
         normalize: false,
         trained: true,
         description: format!(
-            "imported from the ParlAI model file {} (transformer/polyencoder, variant {:?}, {} layers, d={}, m={})",
+            "imported from the ParlAI model file {} ({}, variant {:?}, {} layers, d={}{})",
             model_file.display(),
+            opt.str_or("model", ""),
             config.variant,
             config.n_layers,
             config.embedding_size,
-            opt.int_or("poly_n_codes", 64)
+            if bi { String::new() } else { format!(", m={}", opt.int_or("poly_n_codes", 64)) }
         ),
     };
     s.validate(Path::new("polyrank.json")).map_err(|e| anyhow!("{e}"))?;
@@ -277,19 +301,30 @@ pub fn import_parlai(model_file: &Path, out: &Path) -> Result<String> {
         .find(|p| p.is_file())
         .ok_or_else(|| anyhow!("{}: the dictionary file is missing", sibling(model_file, ".dict").display()))?;
     let state = read_state_dict(model_file)?;
+    let bi = opt.str_or("model", "") == BI;
+    let shared = bi && opt.bool_or("share_encoders", true);
+    // Where each side's transformer sits in the state dict.
+    let (context_prefix, candidate_prefix) = if bi { ("context_encoder.", "cand_encoder.") } else { ("encoder_ctxt.", "encoder_cand.") };
+    let key = format!("{context_prefix}embeddings.weight");
     let embeddings = state
-        .get("encoder_ctxt.embeddings.weight")
-        .ok_or_else(|| anyhow!("{}: no `encoder_ctxt.embeddings.weight`: not a transformer/polyencoder state dict", model_file.display()))?;
+        .get(&key)
+        .ok_or_else(|| anyhow!("{}: no `{key}`: not a {} state dict", model_file.display(), opt.str_or("model", "")))?;
     let vocab_size = embeddings.size()[0];
 
-    std::fs::create_dir_all(out.join(CANDIDATE_ENCODER_DIR))?;
+    std::fs::create_dir_all(out)?;
     std::fs::copy(&dict, out.join(DICT_FILE)).with_context(|| format!("copying {}", dict.display()))?;
     // The padding id is the null token's, which the dictionary puts first when it has one.
     let config = encoder_config(&opt, vocab_size, 0)?;
     let text = text_settings(&opt, config.n_positions as usize)?;
-    if text.tokenizer == Split::Bpe {
-        let codecs = sibling(&dict, ".codecs");
-        std::fs::copy(&codecs, out.join(CODECS_FILE)).with_context(|| format!("copying {}", codecs.display()))?;
+    let copies: &[(&str, &str)] = match text.tokenizer {
+        Split::Bpe => &[(".codecs", CODECS_FILE)],
+        // HuggingFaceBpeHelper's files, saved beside the dictionary.
+        Split::ByteLevelBpe => &[("-vocab.json", VOCAB_FILE), ("-merges.txt", MERGES_FILE)],
+        Split::Re => &[],
+    };
+    for (suffix, name) in copies {
+        let src = sibling(&dict, suffix);
+        std::fs::copy(&src, out.join(name)).with_context(|| format!("copying {}", src.display()))?;
     }
     text.save(out)?;
     // The padding id from the dictionary as polyrank reads it.
@@ -299,20 +334,36 @@ pub fn import_parlai(model_file: &Path, out: &Path) -> Result<String> {
         bail!("{}: the dictionary has {} tokens but the embeddings only {vocab_size} rows", dict.display(), tokenizer.len());
     }
 
-    for (prefix, dir) in [("encoder_ctxt.", out.to_path_buf()), ("encoder_cand.", out.join(CANDIDATE_ENCODER_DIR))] {
+    let mut sides = vec![(context_prefix, out.to_path_buf())];
+    if !shared {
+        sides.push((candidate_prefix, out.join(CANDIDATE_ENCODER_DIR)));
+    }
+    for (prefix, dir) in sides {
         let tensors = take(&state, prefix);
         if tensors.is_empty() {
             bail!("{}: no `{prefix}*` tensors in the state dict", model_file.display());
         }
+        std::fs::create_dir_all(&dir)?;
         config.save(&dir)?;
         Tensor::write_safetensors(&tensors, dir.join(WEIGHTS_FILE))?;
     }
-    let mut head: Vec<(String, Tensor)> = Vec::new();
-    if let Some(codes) = state.get("codes") {
-        head.push(("codes".into(), codes.shallow_clone()));
+    if shared {
+        // The candidate side is the context's transformer read through ParlAI's response
+        // wrapper (`cand_encoder.transformer.*` are the context encoder's own tensors).
+        let mlp: Vec<(String, Tensor)> = take(&state, "cand_encoder.mlp.").into_iter().map(|(k, v)| (format!("mlp.{k}"), v)).collect();
+        if mlp.len() != 4 {
+            bail!("{}: a bi-encoder with shared encoders needs `cand_encoder.mlp.{{0,2}}.{{weight,bias}}`", model_file.display());
+        }
+        Tensor::write_safetensors(&mlp, out.join(CANDIDATE_MLP_FILE))?;
     }
-    head.extend(take(&state, "code_attention.").into_iter().map(|(k, v)| (format!("code_attention.{k}"), v)));
-    head.extend(take(&state, "attention.").into_iter().map(|(k, v)| (format!("candidate_attention.{k}"), v)));
+    let mut head: Vec<(String, Tensor)> = Vec::new();
+    if !bi {
+        if let Some(codes) = state.get("codes") {
+            head.push(("codes".into(), codes.shallow_clone()));
+        }
+        head.extend(take(&state, "code_attention.").into_iter().map(|(k, v)| (format!("code_attention.{k}"), v)));
+        head.extend(take(&state, "attention.").into_iter().map(|(k, v)| (format!("candidate_attention.{k}"), v)));
+    }
     let settings = poly_settings(&opt, &text, model_file, &config)?;
     // An n_first model with basic or sqrt attention has no head parameters, and no head file.
     if !head.is_empty() {

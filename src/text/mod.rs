@@ -21,7 +21,11 @@ pub enum TextKind {
 /// dictionary's (what the pool cache's key and `train`'s copy of a model must include).
 pub fn tokenizer_files(dir: &Path) -> Vec<std::path::PathBuf> {
     if dir.join(parlai::SETTINGS_FILE).exists() {
-        [parlai::SETTINGS_FILE, parlai::DICT_FILE, parlai::CODECS_FILE].iter().map(|f| dir.join(f)).filter(|p| p.exists()).collect()
+        [parlai::SETTINGS_FILE, parlai::DICT_FILE, parlai::CODECS_FILE, parlai::VOCAB_FILE, parlai::MERGES_FILE]
+            .iter()
+            .map(|f| dir.join(f))
+            .filter(|p| p.exists())
+            .collect()
     } else {
         vec![dir.join(TOKENIZER_FILE)]
     }
@@ -68,8 +72,14 @@ impl Tokenizer {
     }
 
     /// Multi-turn contexts are joined with the model's delimiter, oldest first.
+    /// For a ParlAI dictionary they are joined with `parlai::TURN_SEPARATOR`, so each turn is
+    /// tokenized alone as ParlAI does.
     pub fn join_turns<S: AsRef<str>>(&self, turns: &[S]) -> String {
-        turns.iter().map(|t| t.as_ref()).collect::<Vec<_>>().join(&self.delimiter)
+        let sep = match self.kind {
+            Vocab::Parlai(_) => parlai::TURN_SEPARATOR.to_string(),
+            Vocab::Hf { .. } => self.delimiter.clone(),
+        };
+        turns.iter().map(|t| t.as_ref()).collect::<Vec<_>>().join(&sep)
     }
 
     pub fn tokenize(&self, texts: &[String], kind: TextKind) -> Result<Vec<Encoding>, String> {
@@ -78,7 +88,9 @@ impl Tokenizer {
                 let tok = if kind == TextKind::Context { context } else { candidate };
                 texts.iter().map(|t| tok.encode(t.as_str(), true).map_err(|e| e.to_string())).collect()
             }
-            (Vocab::Parlai(p), TextKind::Context) => Ok(texts.iter().map(|t| p.context(t)).collect()),
+            (Vocab::Parlai(p), TextKind::Context) => {
+                Ok(texts.iter().map(|t| p.context_turns(&t.split(parlai::TURN_SEPARATOR).collect::<Vec<_>>(), &self.delimiter)).collect())
+            }
             (Vocab::Parlai(p), TextKind::Candidate) => Ok(texts.iter().map(|t| p.candidate(t)).collect()),
         }
     }

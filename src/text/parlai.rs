@@ -1,5 +1,7 @@
 //! ParlAI's dictionary and tokenizers, id for id: `DictionaryAgent.txt2vec` with
-//! `--dict-tokenizer bpe` (subword-nmt codecs, as `SubwordBPEHelper` applies them) or `re`,
+//! `--dict-tokenizer bpe` (subword-nmt codecs, as `SubwordBPEHelper` applies them),
+//! `bytelevelbpe` (HF byte-level BPE from the dictionary's `-vocab.json` / `-merges.txt`, as
+//! `HuggingFaceBpeHelper` runs it: the tokens it writes, looked up in ParlAI's dictionary) or `re`,
 //! plus the start/end tokens and truncation `TorchAgent` adds around them. A model directory
 //! written by `polyrank import parlai` holds the model's `.dict` and `.dict.codecs` files as
 //! they were, and `parlai_tokenizer.json` with the options that shape tokenization.
@@ -19,6 +21,13 @@ use tokenizers::{Encoding, Token};
 pub const SETTINGS_FILE: &str = "parlai_tokenizer.json";
 pub const DICT_FILE: &str = "parlai.dict";
 pub const CODECS_FILE: &str = "parlai.dict.codecs";
+/// Between the turns of a context, for a ParlAI model (`Tokenizer::join_turns`): ParlAI
+/// tokenizes each turn alone and joins the ids with the delimiter's own ids, which byte-level
+/// BPE does not give for the turns joined as one text. A text holding it splits there too.
+pub const TURN_SEPARATOR: char = '\u{1e}';
+/// `bytelevelbpe`'s files, as ParlAI saves them beside the dictionary (`F.dict-vocab.json`).
+pub const VOCAB_FILE: &str = "parlai.dict-vocab.json";
+pub const MERGES_FILE: &str = "parlai.dict-merges.txt";
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
@@ -27,6 +36,8 @@ pub enum Split {
     Bpe,
     /// ParlAI's `re` tokenizer: `\w+|[^\w\s]|\n`, whole words looked up.
     Re,
+    /// HF byte-level BPE (`--dict-tokenizer bytelevelbpe`).
+    ByteLevelBpe,
 }
 
 /// The options of the model's `.opt` that decide its token ids.
@@ -43,6 +54,16 @@ pub struct ParlaiTextSettings {
     pub text_truncate: Option<usize>,
     /// Candidate length kept, start and end tokens included (the end token is cut first).
     pub label_truncate: Option<usize>,
+    /// `bytelevelbpe`: ParlAI's `--bpe-add-prefix-space` (its default: true).
+    #[serde(default = "yes")]
+    pub bpe_add_prefix_space: bool,
+    /// ParlAI's `--history-size`: only the latest turns are kept; None: all.
+    #[serde(default)]
+    pub history_size: Option<usize>,
+}
+
+fn yes() -> bool {
+    true
 }
 
 impl ParlaiTextSettings {
@@ -139,11 +160,34 @@ impl Codecs {
     }
 }
 
+/// `HuggingFaceBpeHelper`'s tokenizer: `ByteLevelBPETokenizer(vocab, merges, add_prefix_space)`
+/// with ParlAI's four special tokens added (HF splits them out of a text before the BPE).
+fn byte_level(dir: &Path, s: &ParlaiTextSettings) -> Result<tokenizers::Tokenizer, FormatError> {
+    use tokenizers::models::bpe::BPE;
+    use tokenizers::pre_tokenizers::byte_level::ByteLevel;
+    let (vocab, merges) = (dir.join(VOCAB_FILE), dir.join(MERGES_FILE));
+    crate::model::format::require_file(&vocab)?;
+    crate::model::format::require_file(&merges)?;
+    let bpe = BPE::from_file(&vocab.to_string_lossy(), &merges.to_string_lossy())
+        .build()
+        .map_err(|e| FormatError::malformed(&vocab, format!("not a byte-level BPE vocabulary with {MERGES_FILE}: {e}")))?;
+    let mut t = tokenizers::Tokenizer::new(bpe);
+    t.with_pre_tokenizer(Some(ByteLevel::new(s.bpe_add_prefix_space, true, true)));
+    let specials: Vec<tokenizers::AddedToken> = [&s.null_token, &s.start_token, &s.end_token, &s.unk_token]
+        .into_iter()
+        .filter(|t| !t.is_empty())
+        .map(|t| tokenizers::AddedToken::from(t.clone(), true))
+        .collect();
+    t.add_special_tokens(&specials);
+    Ok(t)
+}
+
 /// A ParlAI dictionary and its tokenizer.
 pub struct ParlaiText {
     pub settings: ParlaiTextSettings,
     tok2ind: HashMap<String, u32>,
     codecs: Option<Codecs>,
+    byte_level: Option<tokenizers::Tokenizer>,
     splitter: Regex,
     unk: u32,
     pub start: u32,
@@ -182,23 +226,37 @@ impl ParlaiText {
             }
             add(token);
         }
+        let byte_level = match s.tokenizer {
+            Split::ByteLevelBpe => Some(byte_level(dir, s)?),
+            _ => None,
+        };
+        if let Some(t) = &byte_level {
+            // `sync_with_dict`, which runs at every load: the BPE vocabulary's own tokens (its
+            // ids 0.., the added specials left out) join the dictionary where missing.
+            let base = t.get_vocab_size(false) as u32;
+            for i in 0..base {
+                if let Some(token) = t.id_to_token(i) {
+                    add(token);
+                }
+            }
+        }
         let id = |name: &str, t: &str| {
             tok2ind.get(t).copied().ok_or_else(|| FormatError::malformed(&dict_path, format!("the {name} token `{t}` is not in the dictionary")))
         };
         let (unk, start, end) = (id("unk", &s.unk_token)?, id("start", &s.start_token)?, id("end", &s.end_token)?);
         let codecs = match s.tokenizer {
             Split::Bpe => Some(Codecs::load(&dir.join(CODECS_FILE))?),
-            Split::Re => None,
+            Split::Re | Split::ByteLevelBpe => None,
         };
         // Python's `\w` is `_` or a letter or number (str.isalnum); its `\s` includes the
         // four ASCII separators \x1c-\x1f, which Unicode's White_Space (the regex crate's) lacks.
         let word = r"[\p{L}\p{N}_]";
         let pattern = match s.tokenizer {
             Split::Bpe => format!(r"{word}+|[^\p{{L}}\p{{N}}_\s\x1c-\x1f]"),
-            Split::Re => format!(r"{word}+|[^\p{{L}}\p{{N}}_\s\x1c-\x1f]|\n"),
+            Split::Re | Split::ByteLevelBpe => format!(r"{word}+|[^\p{{L}}\p{{N}}_\s\x1c-\x1f]|\n"),
         };
         let splitter = Regex::new(&pattern).expect("static pattern");
-        Ok(ParlaiText { settings, tok2ind, codecs, splitter, unk, start, end })
+        Ok(ParlaiText { settings, tok2ind, codecs, byte_level, splitter, unk, start, end })
     }
 
     pub fn id_of(&self, token: &str) -> Option<u32> {
@@ -217,6 +275,16 @@ impl ParlaiText {
     /// `DictionaryAgent.txt2vec`: ids and the token strings behind them.
     pub fn txt2vec(&self, text: &str) -> Vec<Token> {
         let text = if self.settings.lower { text.to_lowercase() } else { text.to_string() };
+        if let Some(t) = &self.byte_level {
+            // The tokens HF writes, each looked up in ParlAI's dictionary (`_word_lookup`).
+            let Ok(enc) = t.encode(text.as_str(), false) else { return Vec::new() };
+            return enc
+                .get_tokens()
+                .iter()
+                .zip(enc.get_offsets())
+                .map(|(piece, &offsets)| Token::new(self.tok2ind.get(piece).copied().unwrap_or(self.unk), piece.clone(), offsets))
+                .collect();
+        }
         let text = match self.codecs {
             Some(_) => text.replace('\n', " __newln__ "),
             None => text,
@@ -246,10 +314,24 @@ impl ParlaiText {
         Token::new(id, text.to_string(), (0, 0))
     }
 
-    /// A context as `PolyencoderAgent` vectorizes its history: the latest `text_truncate`
-    /// tokens, then the start and end tokens around them.
+    /// A one-turn context (see `context_turns`).
     pub fn context(&self, text: &str) -> Encoding {
-        let mut body = self.txt2vec(text);
+        self.context_turns(&[text], "")
+    }
+
+    /// A context as ParlAI's `History` and `PolyencoderAgent` vectorize it: the latest
+    /// `history_size` turns, each tokenized alone, joined by the delimiter's tokens; then the
+    /// latest `text_truncate` tokens, and the start and end tokens around them.
+    pub fn context_turns(&self, turns: &[&str], delimiter: &str) -> Encoding {
+        let keep = self.settings.history_size.unwrap_or(turns.len()).min(turns.len());
+        let between = self.txt2vec(delimiter);
+        let mut body = Vec::new();
+        for (i, turn) in turns[turns.len() - keep..].iter().enumerate() {
+            if i > 0 {
+                body.extend(between.iter().cloned());
+            }
+            body.extend(self.txt2vec(turn));
+        }
         if let Some(t) = self.settings.text_truncate {
             if body.len() > t {
                 body.drain(..body.len() - t);

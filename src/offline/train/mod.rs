@@ -279,8 +279,9 @@ fn prepare_out(a: &TrainArgs, copy_encoder: bool) -> Result<PolySettings> {
     for sub in dirs {
         let (from, to) = (a.base.join(&sub), a.out.join(&sub));
         std::fs::create_dir_all(&to)?;
-        use crate::text::parlai::{CODECS_FILE, DICT_FILE, SETTINGS_FILE as PARLAI_TOKENIZER};
-        for name in [CONFIG_FILE, WEIGHTS_FILE, WEIGHTS_DELTA_FILE, TOKENIZER_FILE, PARLAI_TOKENIZER, DICT_FILE, CODECS_FILE] {
+        use crate::text::parlai::{CODECS_FILE, DICT_FILE, MERGES_FILE, SETTINGS_FILE as PARLAI_TOKENIZER, VOCAB_FILE};
+        // The candidate MLP is copied as it is: training reads it but does not update it.
+        for name in [CONFIG_FILE, WEIGHTS_FILE, WEIGHTS_DELTA_FILE, TOKENIZER_FILE, PARLAI_TOKENIZER, DICT_FILE, CODECS_FILE, VOCAB_FILE, MERGES_FILE, CANDIDATE_MLP_FILE] {
             let (src, dst) = (from.join(name), to.join(name));
             if dst.symlink_metadata().is_ok() {
                 std::fs::remove_file(&dst)?;
