@@ -128,8 +128,18 @@ fn settle(s: &Server, wait_s: u64) -> Value {
     }
 }
 
-/// 1-client p50 and 32-client throughput of one server, once its scoring has settled.
-fn measure(setup: &Setup, seconds: f64) -> (Load, Load, Value) {
+/// A process's resident and peak resident memory (VmRSS, VmHWM) in MiB.
+fn memory_mib(pid: u32) -> (f64, f64) {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    let kib = |key: &str| {
+        status.lines().find_map(|l| l.strip_prefix(key)).and_then(|r| r.split_whitespace().next()).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0)
+    };
+    (kib("VmRSS:") / 1024.0, kib("VmHWM:") / 1024.0)
+}
+
+/// 1-client p50 and 32-client throughput of one server, once its scoring has settled; its
+/// `/info` scoring and its memory after the load (resident, peak).
+fn measure(setup: &Setup, seconds: f64) -> (Load, Load, Value, (f64, f64)) {
     let s = Server::start(setup);
     s.wait_ready();
     let scoring = settle(&s, if setup.bin.is_some() { 5 } else { 120 });
@@ -137,16 +147,17 @@ fn measure(setup: &Setup, seconds: f64) -> (Load, Load, Value) {
     let _ = load(&url, 1, 1.0, rank_body);
     let one = load(&url, 1, seconds, rank_body);
     let many = load(&url, 32, seconds, rank_body);
-    (one, many, scoring)
+    (one, many, scoring, memory_mib(s.child.id()))
 }
 
-fn precision_row(n: usize, name: &str, one: &Load, many: &Load, fp32: Option<(&Load, &Load)>) -> String {
+fn precision_row(n: usize, name: &str, one: &Load, many: &Load, fp32: Option<(&Load, &Load)>, mem: Option<(f64, f64)>) -> String {
     let ratio = |a: f64, b: f64| if b > 0.0 { format!("{:.2}×", a / b) } else { "n/a".into() };
     let (r50, rrps) = match fp32 {
         Some((f1, fm)) => (ratio(one.p50_ms, f1.p50_ms), ratio(many.rps, fm.rps)),
         None => ("—".into(), "—".into()),
     };
-    format!("| {n} | {name} | {:.1} | {r50} | {:.1} | {rrps} |\n", one.p50_ms, many.rps)
+    let mem = mem.map(|(rss, peak)| format!("{rss:.0} / {peak:.0}")).unwrap_or_else(|| "—".into());
+    format!("| {n} | {name} | {:.1} | {r50} | {:.1} | {rrps} | {mem} |\n", one.p50_ms, many.rps)
 }
 
 fn main() {
@@ -246,6 +257,7 @@ fn main() {
             );
         }
         let batching = (n <= 100_000).then(|| ours[2]);
+        let auto_mem = memory_mib(s.child.id());
         drop(s);
         let unbatched = batching.map(|_| {
             let s = Server::start(&setup.clone().arg("--max-batch-size", "1"));
@@ -273,36 +285,36 @@ fn main() {
             let mut rows = String::new();
             for p in ["float32", "int8", "bfloat16"] {
                 if too_slow.contains(&p) {
-                    rows += &format!("| {n} | {p} | not timed (over 3× float32 at a smaller pool) | | | |\n");
+                    rows += &format!("| {n} | {p} | not timed (over 3× float32 at a smaller pool) | | | | |\n");
                     continue;
                 }
-                let (one, many, _) = measure(&setup.clone().arg("--scoring-precision", p), o.seconds);
+                let (one, many, _, mem) = measure(&setup.clone().arg("--scoring-precision", p), o.seconds);
                 if let Some((f1, _)) = &fp32 {
                     if one.p50_ms > 3.0 * f1.p50_ms {
                         too_slow.push(p);
                     }
                 }
-                rows += &precision_row(n, p, &one, &many, fp32.as_ref().map(|(a, b)| (a, b)));
-                precision_rows.push(json!({"n": n, "precision": p, "one": one, "many": many}));
+                rows += &precision_row(n, p, &one, &many, fp32.as_ref().map(|(a, b)| (a, b)), Some(mem));
+                precision_rows.push(json!({"n": n, "precision": p, "one": one, "many": many, "rss_mib": mem.0, "peak_rss_mib": mem.1}));
                 if p == "float32" {
                     fp32 = Some((one, many));
                 }
             }
             let f = fp32.as_ref().map(|(a, b)| (a, b));
             let chosen = auto_scoring["precision"].as_str().unwrap_or("?").to_string();
-            rows += &precision_row(n, &format!("**auto** (→ {chosen})"), &ours[0], &ours[2], f);
-            precision_rows.push(json!({"n": n, "precision": "auto", "chosen": chosen, "reason": auto_scoring["reason"], "one": ours[0], "many": ours[2]}));
+            rows += &precision_row(n, &format!("**auto** (→ {chosen})"), &ours[0], &ours[2], f, Some(auto_mem));
+            precision_rows.push(json!({"n": n, "precision": "auto", "chosen": chosen, "reason": auto_scoring["reason"], "one": ours[0], "many": ours[2], "rss_mib": auto_mem.0, "peak_rss_mib": auto_mem.1}));
             if let Some(bin) = &o.baseline_bin {
                 let store = dir.path().join(format!("store-baseline-{n}"));
                 let mut b = Setup::new(&model, &pool, &dir.path().join("cache")).binary(bin).env("POLYRANK_STORE_DIR", store.to_str().unwrap());
                 if let Some(c) = &o.baseline_config {
                     b = b.arg("--config", c.to_str().unwrap());
                 }
-                let (one, many, _) = measure(&b, o.seconds);
-                rows += &precision_row(n, "baseline build", &one, &many, f);
-                precision_rows.push(json!({"n": n, "precision": "baseline", "one": one, "many": many}));
+                let (one, many, _, mem) = measure(&b, o.seconds);
+                rows += &precision_row(n, "baseline build", &one, &many, f, Some(mem));
+                precision_rows.push(json!({"n": n, "precision": "baseline", "one": one, "many": many, "rss_mib": mem.0, "peak_rss_mib": mem.1}));
             }
-            rows += &precision_row(n, "Python (PyTorch eager, fp32)", &theirs[0], &theirs[2], f);
+            rows += &precision_row(n, "Python (PyTorch eager, fp32)", &theirs[0], &theirs[2], f, None);
             precision_md += &rows;
             eprint!("{rows}");
         }
@@ -354,7 +366,7 @@ fn main() {
     md += &filter_md;
     if !precision_md.is_empty() {
         md += &format!(
-            "\nScoring precision, {}: /rank p50 at 1 client and req/s at 32 clients, each against float32 in the same run (lower p50 and higher req/s are better); `auto` is the server of the main table.\n\n| pool N | precision | p50 ms | p50 vs float32 | req/s (32 clients) | req/s vs float32 |\n|---|---|---|---|---|---|\n{precision_md}",
+            "\nScoring precision, {}: /rank p50 at 1 client and req/s at 32 clients, each against float32 in the same run (lower p50 and higher req/s are better); `auto` is the server of the main table.\n\n| pool N | precision | p50 ms | p50 vs float32 | req/s (32 clients) | req/s vs float32 | resident / peak MiB |\n|---|---|---|---|---|---|---|\n{precision_md}",
             cpu()
         );
     }

@@ -60,7 +60,7 @@ VARIANTS = {
     "biencoder_shared_first": dict(dict="bpe", model="transformer/biencoder", args=[
         "--variant", "xlm", "--learn-positional-embeddings", "True", "--n-segments", "2",
         "--embeddings-scale", "False", "--activation", "gelu", "--output-scaling", "0.5",
-        "--reduction-type", "first", "--share-encoders", "True"]),
+        "--reduction-type", "first", "--share-encoders", "True", "--history-size", "2"]),
     "biencoder_separate_mean": dict(dict="bytelevel_noprefix", model="transformer/biencoder", args=[
         "--variant", "aiayn", "--learn-positional-embeddings", "False", "--n-segments", "0",
         "--embeddings-scale", "True", "--activation", "relu", "--reduction-type", "mean",

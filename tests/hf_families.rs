@@ -53,12 +53,14 @@ fn check(family: &str) {
     let want = hidden * &m;
     let got = model.context_codes(&batch).y;
     let diff = max_diff(&got, &want);
+    eprintln!("{family}: token outputs max |Δ| {diff:.2e}");
     assert!(diff <= 1e-5, "{family}: token outputs differ from transformers' by {diff}");
     // Not a trivially small output either: the comparison has something to compare.
     assert!(want.abs().max().double_value(&[]) > 0.1, "{family}: outputs are near zero");
 
     let mean = want.sum_dim_intlist(1, false, Kind::Float) / m.sum_dim_intlist(1, false, Kind::Float);
     let diff = max_diff(&model.candidate_vectors(&batch), &mean);
+    eprintln!("{family}: mean-pooled max |Δ| {diff:.2e}");
     assert!(diff <= 1e-5, "{family}: mean-pooled vectors differ by {diff}");
     assert_eq!(model.config.family(), family.trim_end_matches("-sinusoidal"));
 }
