@@ -85,6 +85,12 @@ fn compare(models: &[PathBuf], sizes: &[usize], seconds: f64, base: &std::path::
                     }
                     let s = Server::start(&setup);
                     s.wait_ready();
+                    // This build serves in float32 until it has measured and converted its
+                    // pool (~5 s after ready at 1M): time what it settles on.
+                    let t0 = std::time::Instant::now();
+                    while which == 1 && !s.get("/info").1.contains("\"scoring\"") && t0.elapsed().as_secs() < 120 {
+                        std::thread::sleep(std::time::Duration::from_millis(100));
+                    }
                     let url = s.url("/rank");
                     let body = |i: usize| json!({"context": CONTEXTS[i % CONTEXTS.len()], "top_k": 10});
                     load(&url, 1, 1.0, body);
@@ -100,6 +106,9 @@ fn compare(models: &[PathBuf], sizes: &[usize], seconds: f64, base: &std::path::
                     rps[which].push(many.rps);
                 }
             }
+            // Every round's p50, for the spread (and a standard error) beside the medians.
+            let each = |v: &[f64]| v.iter().map(|x| format!("{x:.1}")).collect::<Vec<_>>().join(",");
+            eprintln!("N = {n}: p50 per round, baseline {} / this build {}; req/s per round, baseline {} / this build {}", each(&p50[0]), each(&p50[1]), each(&rps[0]), each(&rps[1]));
             let (b, t) = (median(&mut p50[0]), median(&mut p50[1]));
             let name = model.strip_prefix(root()).unwrap_or(model).display();
             let (rb, rt) = (median(&mut rps[0]), median(&mut rps[1]));

@@ -187,3 +187,37 @@ fn auto_picks_what_its_own_measurement_says_is_fastest_and_info_says_so() {
         assert!((x.1 - y.1).abs() <= 1e-5 * y.1.abs().max(1.0), "{a:?} vs {b:?}");
     }
 }
+
+/// A pool past 65,536 rows where two low precisions beat float32 on the first sample is
+/// measured again on its own rows (up to 196,608), past the caches, and the choice is the
+/// fastest of that second measurement (float32 included); elsewhere the first sample decides.
+#[test]
+fn a_large_pool_is_decided_on_a_sample_past_the_caches() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = common::default_model();
+    let pool = dir.path().join("pool.txt");
+    let n = 70_000;
+    std::fs::write(&pool, (0..n).map(|i| format!("candidate {i}\n")).collect::<String>()).unwrap();
+    let settings = polyrank::model::format::PolySettings::load(&model).unwrap();
+    let v = Tensor::randn([n as i64, 384], (Kind::Float, Device::Cpu));
+    let v = &v / v.norm_scalaropt_dim(2.0, [-1], true);
+    polyrank::pool::cache::PoolCache::new(&dir.path().join("c"), &model, &settings, std::slice::from_ref(&pool), polyrank::config::Dtype::Float32)
+        .unwrap()
+        .store(&v)
+        .unwrap();
+    let s = Server::start(&Setup::new(&model, &pool, &dir.path().join("c")));
+    s.wait_ready();
+    let sc = settled_info(&s).1["scoring"].clone();
+    let measured = sc["measured_ms"].as_object().expect("auto reports its measurement");
+    let rows = sc["sample_rows"].as_i64().unwrap();
+    let second = sc["reason"].as_str().unwrap().contains("; first ");
+    assert_eq!(rows, if second { n as i64 } else { 16_384 }, "{sc}");
+    if second {
+        assert!(measured.len() == 3 && measured.contains_key("float32"), "the second look times float32 and both low precisions: {sc}");
+    }
+    let ms = |p: &str| measured[p].as_f64().unwrap();
+    let chosen = sc["precision"].as_str().unwrap();
+    let best = measured.values().filter_map(|v| v.as_f64()).fold(f64::INFINITY, f64::min);
+    assert!(chosen == "float32" || (ms(chosen) == best && ms(chosen) <= ms("float32")), "{sc}");
+    eprintln!("{}", sc["reason"]);
+}
