@@ -7,7 +7,8 @@
 //! `--baseline-bin PATH` compares builds instead: every (model, N) is measured `--rounds`
 //! times (default 3) with the baseline binary and this build, alternately, and the table
 //! gives the median of the rounds' p50 for each and their ratio. `--baseline-config FILE`
-//! gives the baseline its own settings file (one from its commit: `git show REV:config/default.toml`).
+//! gives the baseline its own settings file (one from its commit: `git show REV:config/default.toml`),
+//! `--config FILE` this build's (e.g. one pinning `scoring_precision = "float32"`).
 //! Each round also measures throughput at `--clients` (default 32) back-to-back clients.
 
 #[path = "../tests/common/server.rs"]
@@ -36,8 +37,10 @@ fn main() {
     if let Some(base) = baseline {
         // An older binary may not know today's settings file: give it its own.
         let base_config = get("--baseline-config").map(PathBuf::from);
+        // This build's own settings file (e.g. one pinning `scoring_precision`).
+        let this_config = get("--config").map(PathBuf::from);
         let clients: usize = get("--clients").map(|s| s.parse().expect("--clients")).unwrap_or(32);
-        return compare(&models, &sizes, seconds, &base, base_config.as_deref(), rounds, clients);
+        return compare(&models, &sizes, seconds, &base, [base_config.as_deref(), this_config.as_deref()], rounds, clients);
     }
     let mut md = String::from("| model | m | N | /rank p50 ms | p95 ms | requests |\n|---|---|---|---|---|---|\n");
     for model in &models {
@@ -64,7 +67,7 @@ fn main() {
 }
 
 /// This build against `base`, alternately, `rounds` times per (model, N).
-fn compare(models: &[PathBuf], sizes: &[usize], seconds: f64, base: &std::path::Path, base_config: Option<&std::path::Path>, rounds: usize, clients: usize) {
+fn compare(models: &[PathBuf], sizes: &[usize], seconds: f64, base: &std::path::Path, configs: [Option<&std::path::Path>; 2], rounds: usize, clients: usize) {
     let mut md = format!("| model | N | baseline p50 ms | this build p50 ms | p50 ratio (this / baseline) | baseline req/s at {clients} clients | this build req/s | throughput ratio | rounds | scoring precision per round (baseline / this build) |\n|---|---|---|---|---|---|---|---|---|---|\n");
     for model in models {
         let d = BertConfig::load(model).unwrap().hidden_size;
@@ -79,9 +82,9 @@ fn compare(models: &[PathBuf], sizes: &[usize], seconds: f64, base: &std::path::
                     let mut setup = Setup::new(model, &pool, &dir.path().join("cache"));
                     if let Some(b) = bin {
                         setup = setup.binary(b);
-                        if let Some(c) = base_config {
-                            setup = setup.arg("--config", c.to_str().unwrap());
-                        }
+                    }
+                    if let Some(c) = configs[which] {
+                        setup = setup.arg("--config", c.to_str().unwrap());
                     }
                     let s = Server::start(&setup);
                     s.wait_ready();
