@@ -235,7 +235,8 @@ fn options_polyrank_cannot_serve_are_refused_by_name() {
         ("person_tokens", json!(true)),
         ("activation", json!("swish")),
     ];
-    for (key, value) in cases {
+    // The import's error for `src`'s model file with one option of its .opt changed.
+    let refused = |src: &Path, key: &str, value: &Value| -> String {
         let dir = tempfile::tempdir().unwrap();
         for f in ["model", "model.dict", "model.dict.codecs"] {
             std::fs::copy(src.join(f), dir.path().join(f)).unwrap();
@@ -243,20 +244,16 @@ fn options_polyrank_cannot_serve_are_refused_by_name() {
         let mut opt = load_json(&src.join("model.opt"));
         opt[key] = value.clone();
         std::fs::write(dir.path().join("model.opt"), opt.to_string()).unwrap();
-        let err = import(&dir.path().join("model"), &dir.path().join("out")).expect_err(key);
+        import(&dir.path().join("model"), &dir.path().join("out")).expect_err(key)
+    };
+    for (key, value) in cases {
+        let err = refused(&src, key, &value);
         assert!(err.contains(&format!("`{key}`")) && err.contains(&value.to_string().trim_matches('"').to_string()), "{key}: {err}");
     }
     // Bi-encoder options with no one ParlAI answer to reproduce.
     let src = r.root.join("biencoder_shared_first");
     for (key, value) in [("normalize_sent_emb", json!(true)), ("use_memories", json!(true))] {
-        let dir = tempfile::tempdir().unwrap();
-        for f in ["model", "model.dict", "model.dict.codecs"] {
-            std::fs::copy(src.join(f), dir.path().join(f)).unwrap();
-        }
-        let mut opt = load_json(&src.join("model.opt"));
-        opt[key] = value.clone();
-        std::fs::write(dir.path().join("model.opt"), opt.to_string()).unwrap();
-        let err = import(&dir.path().join("model"), &dir.path().join("out")).expect_err(key);
+        let err = refused(&src, key, &value);
         assert!(err.contains(&format!("`{key}`")), "{key}: {err}");
     }
     // A file that is not a ParlAI model at all.
