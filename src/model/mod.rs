@@ -130,10 +130,12 @@ impl PolyEncoder {
     pub fn candidate_vectors(&self, batch: &Batch) -> Tensor {
         let h = self.candidate_encoder_ref().forward(&batch.ids, &batch.type_ids, &batch.mask).to_kind(Kind::Float);
         let h = scaled(h, self.settings.output_scaling);
-        let Some((_, mlp)) = &self.candidate_mlp else {
-            return poly::pool(&h, &batch.mask, self.settings.candidate_pooling, self.settings.normalize);
+        // The candidate MLP (when there is one) reads the pooled vector before `normalize`.
+        let pooled = poly::pool(&h, &batch.mask, self.settings.candidate_pooling, false);
+        let v = match &self.candidate_mlp {
+            Some((_, mlp)) => mlp.forward(&pooled),
+            None => pooled,
         };
-        let v = mlp.forward(&poly::pool(&h, &batch.mask, self.settings.candidate_pooling, false));
         if self.settings.normalize {
             poly::normalized(v)
         } else {
